@@ -1,0 +1,22 @@
+"""mona_peft: Mona, the multi-cognitive visual adapter (Yin et al., CVPR 2025), as a PEFT method.
+
+Importing the package registers the ``"mona"`` method with PEFT, so ``get_peft_model(model, MonaConfig(...))`` and
+``PeftModel.from_pretrained(base, path)`` work.
+"""
+
+from .registration import register_with_peft
+
+# PeftType.MONA must exist before the config module is imported (its __post_init__ refers to it).
+from .registration import extend_str_enum as _extend_str_enum  # isort: skip
+from peft.utils import PeftType as _PeftType  # isort: skip
+
+_extend_str_enum(_PeftType, "MONA", "MONA")
+
+from .config import MonaConfig  # noqa: E402
+from .layer import MonaLayer  # noqa: E402
+from .model import MonaModel  # noqa: E402
+
+register_with_peft()
+
+__version__ = "0.1.0"
+__all__ = ["MonaConfig", "MonaLayer", "MonaModel", "register_with_peft", "__version__"]

@@ -1,0 +1,140 @@
+"""Configuration of the Mona PEFT method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+from peft.utils import PeftType
+
+POSITIONS = ("attention", "mlp")
+PREFIX_TOKEN_MODES = ("tokenwise", "unchanged")
+
+
+@dataclass
+class MonaConfig(PeftConfig):
+    """Configuration of a Mona adapter (Yin et al., "5%>100%", CVPR 2025, arXiv 2408.08345).
+
+    Mona adds a small multi-cognitive adapter on the residual stream of every transformer block, right after the
+    attention residual add and right after the MLP residual add. Each module is
+    ``x + up(dropout(gelu(proj(filter(down(LN(x) * s1 + x * s2))))))`` where ``filter`` averages depthwise convs of
+    several kernel sizes over the token grid.
+
+    Args:
+        target_modules (`list[str] | str`, *optional*):
+            Names (or one regex) of the transformer *blocks* to adapt (Mona wraps whole blocks, not Linear layers).
+            Default `None` chooses every supported block of the model (ViT, DeiT, DINOv2, DINOv2-with-registers, Swin,
+            Swinv2 blocks, also when the backbone sits inside another model such as UperNet).
+        exclude_modules (`list[str] | str`, *optional*):
+            Block names (or one regex) to leave untouched.
+        bottleneck_dim (`int`, defaults to 64):
+            Width `m` of Mona's bottleneck, the same at every stage as in the paper (which found 64 best of 32/64/128).
+        kernel_sizes (`tuple[int, ...]`, defaults to `(3, 5, 7)`):
+            Odd, positive depthwise kernel sizes whose outputs are averaged ("multi-cognitive" filters).
+        dropout (`float`, defaults to 0.1):
+            Dropout after the GELU, as in the official code.
+        init_weights (`bool | "official"`, defaults to `True`):
+            `True`: the official init except a zero up-projection, so a fresh adapter leaves the model's output
+            exactly unchanged (PEFT's convention; `disable_adapter()` and a new adapter agree). `"official"`: the
+            official Mona init (truncated-normal linears, s1 = 1e-6, s2 = 1), which is near-identity only. `False`:
+            like `"official"`, meant for tests that need a non-trivial adapter.
+        positions (`tuple[str, ...]`, defaults to `("attention", "mlp")`):
+            Which of the two Monas per block to use: after the attention residual add, after the MLP residual add.
+        prefix_tokens (`"tokenwise" | "unchanged"`, defaults to `"tokenwise"`):
+            How ViT-family prefix tokens (CLS, DeiT's distillation token, DINOv2 registers) are treated. They have no
+            place on the patch grid, so the depthwise filter skips them (its own identity skip passes them on) in both
+            modes. `"tokenwise"`: they go through every token-wise part of Mona (scaled norm, projections, projector,
+            GELU). `"unchanged"`: Mona leaves them exactly as they are. Swin has no prefix tokens.
+        merge_filters (`bool`, defaults to `True`):
+            Run the averaged depthwise convs (and their identity skip) as one depthwise conv with the largest kernel,
+            which is mathematically identical and faster. `False` runs the separate convs (the reference form).
+        modules_to_save (`list[str]`, *optional*):
+            Modules trained and saved in full besides the adapter, typically the task head (e.g. `["classifier"]`).
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Names or a regex of the transformer blocks to adapt; None = every supported block of the model."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Names or a regex of blocks to leave untouched."}
+    )
+    bottleneck_dim: int = field(default=64, metadata={"help": "Width of Mona's bottleneck (paper: 64)."})
+    kernel_sizes: tuple[int, ...] = field(
+        default=(3, 5, 7), metadata={"help": "Odd positive depthwise kernel sizes whose outputs are averaged."}
+    )
+    dropout: float = field(default=0.1, metadata={"help": "Dropout probability after the GELU."})
+    init_weights: Union[bool, Literal["official"]] = field(
+        default=True,
+        metadata={
+            "help": "True: exact identity at init (zero up-projection). 'official': the official near-identity init. "
+            "False: official init, for tests."
+        },
+    )
+    positions: tuple[str, ...] = field(
+        default=POSITIONS, metadata={"help": "Which Monas to add per block: 'attention' and/or 'mlp'."}
+    )
+    prefix_tokens: Literal["tokenwise", "unchanged"] = field(
+        default="tokenwise",
+        metadata={"help": "'tokenwise': prefix tokens get Mona's token-wise parts; 'unchanged': left as they are."},
+    )
+    merge_filters: bool = field(
+        default=True, metadata={"help": "Run the averaged depthwise convs as one merged conv (exact, faster)."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules trained and saved in full, e.g. the task head ['classifier']."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.MONA
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules) if len(self.target_modules) > 1 else self.target_modules
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+
+        if isinstance(self.bottleneck_dim, bool) or not isinstance(self.bottleneck_dim, int) or self.bottleneck_dim < 1:
+            raise ValueError(f"MonaConfig.bottleneck_dim must be a positive integer, got {self.bottleneck_dim!r}.")
+
+        if isinstance(self.kernel_sizes, int):
+            self.kernel_sizes = (self.kernel_sizes,)
+        kernels = tuple(self.kernel_sizes)
+        if not kernels:
+            raise ValueError("MonaConfig.kernel_sizes must name at least one kernel size, e.g. (3, 5, 7).")
+        for k in kernels:
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
+                raise ValueError(
+                    f"MonaConfig.kernel_sizes must be odd positive integers (same-size padding needs an odd kernel), "
+                    f"got {k!r} in {kernels}."
+                )
+        if len(set(kernels)) != len(kernels):
+            raise ValueError(f"MonaConfig.kernel_sizes has duplicates: {kernels}.")
+        self.kernel_sizes = kernels
+
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"MonaConfig.dropout must be a probability in [0, 1), got {self.dropout!r}.")
+        self.dropout = float(self.dropout)
+
+        if not (self.init_weights is True or self.init_weights is False or self.init_weights == "official"):
+            raise ValueError(f"MonaConfig.init_weights must be True, False or 'official', got {self.init_weights!r}.")
+
+        if isinstance(self.positions, str):
+            self.positions = (self.positions,)
+        positions = tuple(self.positions)
+        unknown = [p for p in positions if p not in POSITIONS]
+        if not positions or unknown or len(set(positions)) != len(positions):
+            raise ValueError(
+                f"MonaConfig.positions must be a non-empty subset of {POSITIONS} without repeats, got {positions}."
+            )
+        # Canonical order: the attention Mona always runs before the MLP Mona inside a block.
+        self.positions = tuple(p for p in POSITIONS if p in positions)
+
+        if self.prefix_tokens not in PREFIX_TOKEN_MODES:
+            raise ValueError(
+                f"MonaConfig.prefix_tokens must be one of {PREFIX_TOKEN_MODES}, got {self.prefix_tokens!r}."
+            )
+        if not isinstance(self.merge_filters, bool):
+            raise ValueError(f"MonaConfig.merge_filters must be a bool, got {self.merge_filters!r}.")

@@ -1,0 +1,142 @@
+"""The wrapped model against a hand-written reference of Mona and of its placement in a block."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import get_peft_model
+from tiny_models import FAMILIES, pixels, randomize_adapter
+from torch import nn
+
+from mona_peft import MonaConfig, MonaLayer
+from mona_peft.filters import merged_filter, reference_filter
+
+
+class OfficialMona(nn.Module):
+    """Mona written the way the official code structures it (conv1/2/3, projector, gamma/gammax, project1/2)."""
+
+    def __init__(self, layer: MonaLayer, position: str, adapter: str = "default") -> None:
+        super().__init__()
+        short = {"attention": "attn", "mlp": "mlp"}[position]
+        get = lambda part: getattr(layer, f"mona_{short}_{part}")[adapter]  # noqa: E731
+        self.norm, self.gamma, self.gammax = get("norm"), get("scale_norm"), get("scale_skip")
+        self.project1, self.project2 = get("down"), get("up")
+        self.conv1, self.conv2, self.conv3 = get("conv3"), get("conv5"), get("conv7")
+        self.projector = get("proj")
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int], num_prefix: int = 0) -> torch.Tensor:
+        identity = x
+        x = self.norm(x) * self.gamma + x * self.gammax
+        p1 = self.project1(x)
+        prefix, p1 = p1[:, :num_prefix], p1[:, num_prefix:]
+        b, n, c = p1.shape
+        h, w = hw
+        p1 = p1.reshape(b, h, w, c).permute(0, 3, 1, 2)
+        p1 = (self.conv1(p1) + self.conv2(p1) + self.conv3(p1)) / 3.0 + p1
+        p1 = p1.permute(0, 2, 3, 1).reshape(b, n, c)
+        p1 = torch.cat([prefix, p1], dim=1)
+        # the projector is a 1x1 conv on the [B, m, H, W] map; token-wise it is the same for prefix tokens
+        p1 = p1 + self.projector(p1.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
+        return identity + self.project2(F.gelu(p1))
+
+
+def _mlp_branch(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The MLP branch of a ViT / Swin block, whatever the transformers version names its modules."""
+    h = block.layernorm_after(x)
+    if hasattr(block, "mlp"):  # transformers >= 5.9
+        return block.dropout(block.mlp(h))
+    return block.output(block.intermediate(h), torch.zeros_like(x)) if block.output.forward.__code__.co_argcount > 2 \
+        else block.output(block.intermediate(h))
+
+
+def _attention_residual(block: nn.Module, run_block) -> torch.Tensor:
+    """x1 = x + attention branch, obtained by running the bare block with its MLP branch silenced."""
+    join = block.output if hasattr(block, "output") else block.dropout
+    calls = []
+
+    def silence(module, args, output):
+        calls.append(1)
+        # ViT 4.x's output module adds the residual itself: keep that part, drop the MLP.
+        if len(args) > 1:
+            return args[1]
+        return torch.zeros_like(output) if len(calls) == 2 or not hasattr(block, "mlp") else None
+
+    handle = join.register_forward_hook(silence)
+    try:
+        out = run_block()
+    finally:
+        handle.remove()
+    return out[0] if isinstance(out, tuple) else out
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_block_matches_reference(family: str) -> None:
+    spec = FAMILIES[family]
+    base = spec.build()
+    model = get_peft_model(base, MonaConfig(bottleneck_dim=8, init_weights=False, dropout=0.0))
+    randomize_adapter(model)
+    layer = next(m for m in model.modules() if isinstance(m, MonaLayer))
+    block = layer.base_layer
+    captured = {}
+
+    def capture(module, args, kwargs, output):
+        captured["args"], captured["kwargs"], captured["out"] = args, kwargs, output
+
+    handle = layer.register_forward_hook(capture, with_kwargs=True)
+    x = pixels(spec.odd_size)
+    with torch.no_grad():
+        model(pixel_values=x, **spec.forward_kwargs)
+    handle.remove()
+    args, kwargs = captured["args"], captured["kwargs"]
+    hidden = args[0]
+    if family == "vit":
+        grid = (spec.odd_size[0] // 8, spec.odd_size[1] // 8)
+        num_prefix = 1
+    else:
+        grid = tuple(args[1]) if len(args) > 1 else tuple(kwargs["input_dimensions"])
+        num_prefix = 0
+
+    with torch.no_grad():
+        x1 = _attention_residual(block, lambda: block(*args, **kwargs))
+        if family == "vit":
+            expected_x1 = hidden + block.attention(block.layernorm_before(hidden))[0]
+            torch.testing.assert_close(x1, expected_x1, atol=1e-6, rtol=1e-6)
+        mona1, mona2 = OfficialMona(layer, "attention"), OfficialMona(layer, "mlp")
+        x1 = mona1(x1, grid, num_prefix)  # the residual AND the input of the second norm
+        x2 = x1 + _mlp_branch(block, x1)
+        expected = mona2(x2, grid, num_prefix)
+    out = captured["out"]
+    out = out[0] if isinstance(out, tuple) else out
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # the adapter really changed something (the test is not comparing two no-ops)
+    assert (expected - _attention_residual(block, lambda: block(*args, **kwargs))).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("kernels", [(3, 5, 7), (3,), (1, 5), (7, 3, 9)])
+def test_merged_filter_equals_reference(kernels: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    m = 6
+    x = torch.randn(2, m, 5, 9, dtype=torch.float64, requires_grad=True)
+    weights = [torch.randn(m, 1, k, k, dtype=torch.float64, requires_grad=True) for k in kernels]
+    biases = [torch.randn(m, dtype=torch.float64, requires_grad=True) for _ in kernels]
+    ref = reference_filter(x, weights, biases)
+    fused = merged_filter(x, weights, biases)
+    torch.testing.assert_close(fused, ref)
+    grads_ref = torch.autograd.grad(ref.square().sum(), [x, *weights, *biases])
+    grads_fused = torch.autograd.grad(fused.square().sum(), [x, *weights, *biases])
+    for a, b in zip(grads_ref, grads_fused):
+        torch.testing.assert_close(a, b)
+
+
+def test_merged_and_reference_models_agree() -> None:
+    spec = FAMILIES["dinov2_registers"]
+    outputs = []
+    for merge in (True, False):
+        torch.manual_seed(0)
+        model = get_peft_model(spec.build(), MonaConfig(bottleneck_dim=8, init_weights=False, merge_filters=merge))
+        randomize_adapter(model)
+        with torch.no_grad():
+            outputs.append(model(pixel_values=pixels(spec.odd_size)).logits)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
