@@ -6,9 +6,9 @@ import pytest
 import torch
 import transformers
 from peft import get_peft_model
-from tiny_models import FAMILIES, logits, pixels, randomize_adapter
 
 from mona_peft import MonaConfig, MonaLayer
+from tiny_models import FAMILIES, logits, pixels, randomize_adapter
 
 ALL = sorted(FAMILIES)
 
@@ -35,7 +35,9 @@ def test_default_init_is_exact_identity(family: str) -> None:
 @pytest.mark.parametrize("family", ALL)
 def test_odd_sizes_forward_backward(family: str) -> None:
     spec = FAMILIES[family]
-    model = get_peft_model(spec.build(), MonaConfig(bottleneck_dim=8, init_weights=False, modules_to_save=["classifier"]))
+    model = get_peft_model(
+        spec.build(), MonaConfig(bottleneck_dim=8, init_weights=False, modules_to_save=["classifier"])
+    )
     randomize_adapter(model)
     model.train()
     for size in (spec.image_size, spec.odd_size):
@@ -137,7 +139,12 @@ def test_single_position(positions: tuple[str, ...]) -> None:
 
 def test_swin_backbone_inside_upernet() -> None:
     backbone = transformers.SwinConfig(
-        image_size=64, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4,
+        image_size=64,
+        patch_size=4,
+        embed_dim=16,
+        depths=[2, 2],
+        num_heads=[2, 4],
+        window_size=4,
         out_features=["stage1", "stage2"],
     )
     config = transformers.UperNetConfig(

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import get_peft_model
-from tiny_models import FAMILIES, pixels, randomize_adapter
 from torch import nn
 
 from mona_peft import MonaConfig, MonaLayer
 from mona_peft.filters import merged_filter, reference_filter
+from tiny_models import FAMILIES, pixels, randomize_adapter
 
 
 class OfficialMona(nn.Module):
@@ -46,8 +46,11 @@ def _mlp_branch(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     h = block.layernorm_after(x)
     if hasattr(block, "mlp"):  # transformers >= 5.9
         return block.dropout(block.mlp(h))
-    return block.output(block.intermediate(h), torch.zeros_like(x)) if block.output.forward.__code__.co_argcount > 2 \
+    return (
+        block.output(block.intermediate(h), torch.zeros_like(x))
+        if block.output.forward.__code__.co_argcount > 2
         else block.output(block.intermediate(h))
+    )
 
 
 def _attention_residual(block: nn.Module, run_block) -> torch.Tensor:
@@ -126,7 +129,7 @@ def test_merged_filter_equals_reference(kernels: tuple[int, ...]) -> None:
     torch.testing.assert_close(fused, ref)
     grads_ref = torch.autograd.grad(ref.square().sum(), [x, *weights, *biases])
     grads_fused = torch.autograd.grad(fused.square().sum(), [x, *weights, *biases])
-    for a, b in zip(grads_ref, grads_fused):
+    for a, b in zip(grads_ref, grads_fused, strict=True):
         torch.testing.assert_close(a, b)
 
 

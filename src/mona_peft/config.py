@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
@@ -53,13 +53,13 @@ class MonaConfig(PeftConfig):
             Modules trained and saved in full besides the adapter, typically the task head (e.g. `["classifier"]`).
     """
 
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={
             "help": "Names or a regex of the transformer blocks to adapt; None = every supported block of the model."
         },
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Names or a regex of blocks to leave untouched."}
     )
     bottleneck_dim: int = field(default=64, metadata={"help": "Width of Mona's bottleneck (paper: 64)."})
@@ -67,7 +67,7 @@ class MonaConfig(PeftConfig):
         default=(3, 5, 7), metadata={"help": "Odd positive depthwise kernel sizes whose outputs are averaged."}
     )
     dropout: float = field(default=0.1, metadata={"help": "Dropout probability after the GELU."})
-    init_weights: Union[bool, Literal["official"]] = field(
+    init_weights: bool | Literal["official"] = field(
         default=True,
         metadata={
             "help": "True: exact identity at init (zero up-projection). 'official': the official near-identity init. "
@@ -84,7 +84,7 @@ class MonaConfig(PeftConfig):
     merge_filters: bool = field(
         default=True, metadata={"help": "Run the averaged depthwise convs as one merged conv (exact, faster)."}
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained and saved in full, e.g. the task head ['classifier']."}
     )
 
@@ -96,7 +96,11 @@ class MonaConfig(PeftConfig):
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
 
-        if isinstance(self.bottleneck_dim, bool) or not isinstance(self.bottleneck_dim, int) or self.bottleneck_dim < 1:
+        if (
+            isinstance(self.bottleneck_dim, bool)
+            or not isinstance(self.bottleneck_dim, int)
+            or self.bottleneck_dim < 1
+        ):
             raise ValueError(f"MonaConfig.bottleneck_dim must be a positive integer, got {self.bottleneck_dim!r}.")
 
         if isinstance(self.kernel_sizes, int):

@@ -18,7 +18,7 @@ def reference_filter(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: S
     """Average of depthwise convs plus identity, one conv per kernel. ``x``: [B, m, H, W]; weights [m, 1, k, k]."""
     channels = x.shape[1]
     total = None
-    for weight, bias in zip(weights, biases):
+    for weight, bias in zip(weights, biases, strict=True):
         out = F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=channels)
         total = out if total is None else total + out
     return total / len(weights) + x

@@ -48,8 +48,8 @@ def block_call(call: BlockCall | None) -> Iterator[None]:
 class PatchGridTracker:
     """Remembers the (h, w) patch grid of the latest ViT-family embedding pass in the current context.
 
-    A forward hook on the patch-embedding conv records ``output.shape[-2:]``; the blocks that follow in the same forward
-    read it. This covers non-square inputs and ``interpolate_pos_encoding`` without any arithmetic on image sizes.
+    A forward hook on the patch-embedding conv records ``output.shape[-2:]``; the blocks that follow in the same
+    forward read it. This covers non-square inputs and ``interpolate_pos_encoding`` without any arithmetic on image sizes.
     """
 
     def __init__(self) -> None:
