@@ -49,7 +49,7 @@ class PatchGridTracker:
     """Remembers the (h, w) patch grid of the latest ViT-family embedding pass in the current context.
 
     A forward hook on the patch-embedding conv records ``output.shape[-2:]``; the blocks that follow in the same
-    forward read it. This covers non-square inputs and ``interpolate_pos_encoding`` without any arithmetic on image sizes.
+    forward read it. This covers non-square inputs and ``interpolate_pos_encoding`` with no image-size arithmetic.
     """
 
     def __init__(self) -> None:
