@@ -9,11 +9,11 @@ import pytest
 import torch
 import transformers
 from peft import PeftModel, get_peft_model
-from tiny_models import FAMILIES, pixels, randomize_adapter
 from torch import nn
 
 from mona_peft import MonaConfig, MonaLayer
 from mona_peft.checkpoint import MonaCheckpointError
+from tiny_models import FAMILIES, pixels, randomize_adapter
 
 
 @pytest.mark.parametrize(
@@ -87,12 +87,21 @@ def _saved_adapter(tmp_path, family="vit", **config_kwargs):
 
 def _fresh_vit(hidden_size: int = 32):
     spec = FAMILIES["vit"]
-    base = spec.build() if hidden_size == 32 else transformers.ViTForImageClassification(
-        transformers.ViTConfig(
-            hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-            image_size=32, patch_size=8, num_labels=3,
-        )
-    ).eval()
+    base = (
+        spec.build()
+        if hidden_size == 32
+        else transformers.ViTForImageClassification(
+            transformers.ViTConfig(
+                hidden_size=hidden_size,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=48,
+                image_size=32,
+                patch_size=8,
+                num_labels=3,
+            )
+        ).eval()
+    )
     x = pixels(spec.image_size)
     with torch.no_grad():
         expected = base(pixel_values=x).logits

@@ -10,9 +10,9 @@ import pytest
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from tiny_models import FAMILIES, logits, pixels, randomize_adapter
 
 from mona_peft import MonaConfig, MonaLayer
+from tiny_models import FAMILIES, logits, pixels, randomize_adapter
 
 
 def _wrapped(family: str = "vit", seed: int = 0, modules_to_save=("classifier",), **config_kwargs):
