@@ -63,7 +63,7 @@ def test_targets_that_are_not_blocks_are_refused() -> None:
     with torch.no_grad():
         expected = base(pixel_values=x).logits
     with pytest.raises(ValueError, match="wraps whole transformer blocks.*ViTLayer"):
-        get_peft_model(base, MonaConfig(target_modules=r".*layers\.\d+(\.layernorm_after)?"))
+        get_peft_model(base, MonaConfig(target_modules=r".*(layers|layer)\.\d+(\.layernorm_after)?"))
     _assert_untouched(base, expected, x)
 
 
