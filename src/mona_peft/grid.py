@@ -16,7 +16,36 @@ from typing import Any
 import torch
 from torch import nn
 
-_current_call: contextvars.ContextVar[BlockCall | None] = contextvars.ContextVar("mona_block_call", default=None)
+
+class _CompilableContextVar:
+    """A context variable that torch.compile can trace.
+
+    Dynamo cannot trace ``ContextVar.get``/``set`` (each call would break the graph, twice per block). While compiling,
+    the value lives in a plain attribute instead, which Dynamo traces as an ordinary Python side effect; in eager mode
+    it is a real ``ContextVar``, so threads never see each other's value.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._var: contextvars.ContextVar[Any] = contextvars.ContextVar(name, default=None)
+        self._compiled_value: Any = None
+
+    def get(self) -> Any:
+        return self._compiled_value if torch.compiler.is_compiling() else self._var.get()
+
+    def set(self, value: Any) -> contextvars.Token | None:
+        if torch.compiler.is_compiling():
+            self._compiled_value = value
+            return None
+        return self._var.set(value)
+
+    def reset(self, token: contextvars.Token | None) -> None:
+        if token is None:
+            self._compiled_value = None
+        else:
+            self._var.reset(token)
+
+
+_current_call = _CompilableContextVar("mona_block_call")
 
 
 @dataclass
@@ -53,9 +82,7 @@ class PatchGridTracker:
     """
 
     def __init__(self) -> None:
-        self._grid: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
-            f"mona_patch_grid_{id(self)}", default=None
-        )
+        self._grid = _CompilableContextVar(f"mona_patch_grid_{id(self)}")
 
     def hook(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
         """Forward hook for the patch-embedding conv."""
@@ -75,7 +102,7 @@ def keep_call_in_checkpoint(block: nn.Module) -> None:
     on every call and is idempotent.
     """
     func = block.__dict__.get(_CHECKPOINT_ATTR)
-    if func is None or hasattr(func, "_mona_original"):
+    if func is None or hasattr(func, "_mona_original") or torch.compiler.is_compiling():
         return
 
     def checkpoint_with_call(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
