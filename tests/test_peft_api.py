@@ -153,7 +153,8 @@ def test_training_changes_only_adapter_and_head(family: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("family", "reentrant"), [("vit", False), ("vit", True), ("dinov2_registers", False), ("swin", False)]
+    ("family", "reentrant"),
+    [("vit", False), ("vit", True), ("deit", False), ("dinov2_registers", False), ("swin", False), ("swinv2", False)],
 )
 def test_gradient_checkpointing_gives_the_same_gradients(family: str, reentrant: bool) -> None:
     spec = FAMILIES[family]
