@@ -235,3 +235,27 @@ def test_gradient_checkpointing_with_changing_image_sizes() -> None:
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_pickled_model_round_trip(tmp_path) -> None:
+    """A whole wrapped model survives torch.save / torch.load and copy.deepcopy, and keeps working."""
+    spec = FAMILIES["vit"]
+    model = get_peft_model(spec.build(), MonaConfig(bottleneck_dim=8, init_weights=False)).eval()
+    randomize_adapter(model)
+    x = pixels(spec.odd_size)
+    with torch.no_grad():
+        expected = model(pixel_values=x, interpolate_pos_encoding=True).logits
+    torch.save(model, tmp_path / "model.pt")
+    restored = torch.load(tmp_path / "model.pt", weights_only=False)
+    for other in (restored, copy.deepcopy(model)):
+        with torch.no_grad():
+            assert torch.equal(other(pixel_values=x, interpolate_pos_encoding=True).logits, expected)
+        block = next(m for m in other.modules() if isinstance(m, MonaLayer)).base_layer
+        assert block.forward.block is block  # the copy's block runs its own Mona, not the original's
+
+
+def test_mixed_adapter_batches_are_refused() -> None:
+    spec = FAMILIES["vit"]
+    model = get_peft_model(spec.build(), MonaConfig(bottleneck_dim=8))
+    with pytest.raises(ValueError, match="mixed-adapter batches"):
+        model(pixel_values=pixels(spec.image_size), adapter_names=["default", "default"])

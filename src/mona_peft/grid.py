@@ -26,8 +26,16 @@ class _CompilableContextVar:
     """
 
     def __init__(self, name: str) -> None:
+        self._name = name
         self._var: contextvars.ContextVar[Any] = contextvars.ContextVar(name, default=None)
         self._compiled_value: Any = None
+
+    # A ContextVar can be neither copied nor pickled; a copy of a model gets a fresh, empty slot of its own.
+    def __deepcopy__(self, memo: dict) -> _CompilableContextVar:
+        return type(self)(self._name)
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self._name,))
 
     def get(self) -> Any:
         return self._compiled_value if torch.compiler.is_compiling() else self._var.get()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -315,26 +314,32 @@ class MonaLayer(nn.Module, BaseTunerLayer):
         return "mona." + super().__repr__()
 
 
-def _block_forward_with_mona(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+class _ForwardWithMona:
     """Instance-level ``forward`` of a wrapped block: the class's forward, then the post-MLP Mona.
 
     The second Mona runs *inside* ``forward`` (not in a forward hook) so that everything transformers records from
     the block (``output_hidden_states`` hooks in 5.x, the forward wrappers of 4.x) sees Mona's output, and so that
     checkpointing that wraps ``__call__`` (4.x) replays it. The class forward keeps 5.x's checkpointing wrapper.
+    A small object rather than a closure, so that ``copy.deepcopy`` and pickling follow the block it belongs to.
     """
-    output = type(block).forward(block, *args, **kwargs)
-    layer = block.__dict__.get("_mona_layer")
-    if layer is None:
-        return output
-    changed = layer._output_hook(block, args, output)
-    return output if changed is None else changed
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        block = self.block
+        output = type(block).forward(block, *args, **kwargs)
+        layer = block.__dict__.get("_mona_layer")
+        if layer is None:
+            return output
+        changed = layer._output_hook(block, args, output)
+        return output if changed is None else changed
 
 
 def _attach_output_mona(block: nn.Module, layer: MonaLayer) -> None:
-    # object.__setattr__: keep the layer out of the block's sub-modules (it would make a cycle in the module tree);
-    # a bound method (not a closure) so that copy.deepcopy rebinds it to the copied block.
+    # object.__setattr__: keep the layer out of the block's sub-modules (it would make a cycle in the module tree).
     object.__setattr__(block, "_mona_layer", layer)
-    object.__setattr__(block, "forward", types.MethodType(_block_forward_with_mona, block))
+    object.__setattr__(block, "forward", _ForwardWithMona(block))
 
 
 def _detach_output_mona(block: nn.Module) -> None:

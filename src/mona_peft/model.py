@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule, check_target_module_exists
@@ -26,7 +28,7 @@ def default_target_regex(model: nn.Module) -> str:
     """
     patterns: list[str] = []
     for name, module in model.named_modules():
-        if not name or layout_for(_unwrapped(module)) is None:
+        if not name or "base_layer" in name.split(".") or layout_for(_unwrapped(module)) is None:
             continue
         pattern = re.sub(r"(^|\\\.)\d+(?=\\\.|$)", r"\1\\d+", re.escape(name))
         if pattern not in patterns:
@@ -131,6 +133,17 @@ class MonaModel(BaseTuner):
                 if is_patch_grid_conv(name, module)
             ]
         return tracker
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        # PEFT calls this around every forward; Mona has no per-sample adapter routing, so refuse it loudly rather
+        # than silently applying the active adapter to every sample.
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                "Mona does not support mixed-adapter batches (`adapter_names=` in forward). Use "
+                "`model.set_adapter(name)` and run one batch per adapter."
+            )
+        yield
 
     def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
         raise ValueError(MERGE_ERROR)
