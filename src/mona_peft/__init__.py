@@ -17,6 +17,15 @@ from .layer import MonaLayer  # noqa: E402
 from .model import MonaModel  # noqa: E402
 
 register_with_peft()
+from .hub import load_from_hub, push_adapter_to_hub  # noqa: E402,F401 - also fixes PeftModel.push_to_hub's card
 
 __version__ = "0.1.0"
-__all__ = ["MonaConfig", "MonaLayer", "MonaModel", "register_with_peft", "__version__"]
+__all__ = [
+    "MonaConfig",
+    "MonaLayer",
+    "MonaModel",
+    "load_from_hub",
+    "push_adapter_to_hub",
+    "register_with_peft",
+    "__version__",
+]
