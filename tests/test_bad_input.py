@@ -172,3 +172,11 @@ def test_load_adapter_failure_keeps_existing_adapter(tmp_path) -> None:
     assert model.state_dict().keys() == state.keys()
     with torch.no_grad():
         assert torch.equal(model(pixel_values=x).logits, before)
+
+
+def test_mona_config_refuses_another_methods_adapter(tmp_path) -> None:
+    from peft import LoraConfig
+
+    LoraConfig(target_modules=["dense"]).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="holds a LORA adapter, not a Mona adapter"):
+        MonaConfig.from_pretrained(tmp_path)
