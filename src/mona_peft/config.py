@@ -154,8 +154,9 @@ class MonaConfig(PeftConfig):
 
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         if not isinstance(config, MonaConfig):  # PeftConfig picks the class from the saved peft_type
+            method = getattr(config.peft_type, "value", config.peft_type)
             raise ValueError(
-                f"{pretrained_model_name_or_path} holds a {config.peft_type} adapter, not a Mona adapter; load "
+                f"{pretrained_model_name_or_path} holds a {method} adapter, not a Mona adapter; load "
                 "it with peft.PeftConfig.from_pretrained / PeftModel.from_pretrained."
             )
         hub_kwargs = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS and v is not None}
