@@ -1,0 +1,185 @@
+"""Trainable parameters of Mona (bottleneck 32/64/128) and of LoRA r=16 on q/v, and their share of the backbone.
+
+Models are built from their configs on the ``meta`` device (no weights, no downloads). The adapter file size is the
+size of ``adapter_model.safetensors`` written by a real ``save_pretrained`` (fp32, adapter only, no task head): the
+adapter's parameters are materialised as zeros on the CPU just before the save.
+
+    python -m benchmarks.params            # all models (a minute or two)
+    python -m benchmarks.params --quick    # Swin-T and Swin-L at bottleneck 64 only (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import get_peft_model
+from torch import nn
+
+import mona_peft  # noqa: F401  (registers the "mona" PEFT method)
+from benchmarks.common import (
+    LORA_RANK,
+    MODELS,
+    ModelSpec,
+    backbone_of,
+    build_classifier,
+    count,
+    lora_config,
+    lora_target_modules,
+    machine_info,
+    mona_config,
+    write_results,
+)
+
+# Mona parameter counts of the official code at bottleneck 64, from its training logs (see docs/benchmarks.md).
+OFFICIAL_M64 = {"swin-t": 1_408_128, "swin-s": 2_867_328, "swin-b": 3_667_456, "swin-l": 5_267_712}
+FULL_MODELS = ("swin-t", "swin-s", "swin-b", "swin-l", "vit-b", "vit-l", "dinov2-s", "dinov2-b")
+QUICK_MODELS = ("swin-t", "swin-l")
+BOTTLENECKS = (32, 64, 128)
+
+
+def mona_formula(hidden_sizes: list[int], bottleneck: int, kernel_sizes: tuple[int, ...] = (3, 5, 7)) -> int:
+    """Closed-form Mona parameter count: per Mona ``2Cm + 5C + m^2 + (2 + sum k^2 + len(k)) m``, two per block.
+
+    At kernels 3/5/7 the last term is ``88m`` (see /work/shared/notes/mona-method.md).
+    """
+    m = bottleneck
+    per_m = 2 + sum(k * k for k in kernel_sizes) + len(kernel_sizes)
+    return sum(2 * (2 * c * m + 5 * c + m * m + per_m * m) for c in hidden_sizes)
+
+
+def block_widths(model: nn.Module) -> list[int]:
+    """Residual width of every transformer block Mona wraps (one entry per block)."""
+    from mona_peft.families import layout_for
+    from mona_peft.layer import block_hidden_size
+
+    return [block_hidden_size(m) for _, m in model.named_modules() if layout_for(m) is not None]
+
+
+def adapter_params(model: nn.Module, marker: str) -> int:
+    return count(p for name, p in model.named_parameters() if marker in name)
+
+
+def saved_adapter_bytes(peft_model: nn.Module) -> int:
+    """Bytes of ``adapter_model.safetensors`` from ``save_pretrained`` (meta adapter weights made real zeros first)."""
+    for module in peft_model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.requires_grad and param.device.type == "meta":
+                module._parameters[name] = nn.Parameter(torch.zeros(param.shape, dtype=param.dtype))
+    with tempfile.TemporaryDirectory() as directory:
+        peft_model.save_pretrained(directory)
+        return (Path(directory) / "adapter_model.safetensors").stat().st_size
+
+
+def measure_model(spec: ModelSpec, bottlenecks: tuple[int, ...]) -> dict[str, Any]:
+    """Backbone size, Mona at each bottleneck and LoRA r=16 on q/v for one model."""
+    with torch.device("meta"):
+        probe = build_classifier(spec)
+    backbone = count(backbone_of(probe).parameters())
+    widths = block_widths(probe)
+    entry: dict[str, Any] = {
+        "key": spec.key,
+        "name": spec.name,
+        "family": spec.family,
+        "blocks": len(widths),
+        "block_widths": sorted(set(widths)),
+        "backbone_params": backbone,
+        "mona": [],
+    }
+    for m in bottlenecks:
+        with torch.device("meta"):
+            model = get_peft_model(build_classifier(spec), mona_config(bottleneck_dim=m))
+        params = adapter_params(model, ".mona_")
+        entry["mona"].append(
+            {
+                "bottleneck": m,
+                "params": params,
+                "formula": mona_formula(widths, m),
+                "share_of_backbone": params / backbone,
+                "adapter_file_bytes": saved_adapter_bytes(model),
+            }
+        )
+    with torch.device("meta"):
+        base = build_classifier(spec)
+        model = get_peft_model(base, lora_config(base))
+    params = adapter_params(model, "lora_")
+    entry["lora"] = {
+        "rank": LORA_RANK,
+        "targets": lora_target_modules(base),
+        "params": params,
+        "share_of_backbone": params / backbone,
+        "adapter_file_bytes": saved_adapter_bytes(model),
+    }
+    official = OFFICIAL_M64.get(spec.key)
+    if official is not None and 64 in bottlenecks:
+        counted = next(r["params"] for r in entry["mona"] if r["bottleneck"] == 64)
+        entry["official_mona_params_m64"] = official
+        entry["matches_official"] = counted == official
+    return entry
+
+
+def measure_upernet_swin_l(bottleneck: int = 64) -> dict[str, Any]:
+    """UperNet (ADE20K, 150 classes) with a Swin-L backbone: Mona in the backbone only, share of the backbone."""
+    from transformers import UperNetConfig, UperNetForSemanticSegmentation
+
+    backbone_config = MODELS["swin-l"].config(out_features=["stage1", "stage2", "stage3", "stage4"])
+    with torch.device("meta"):
+        base = UperNetForSemanticSegmentation(UperNetConfig(backbone_config=backbone_config, num_labels=150))
+        backbone = count(base.backbone.parameters())
+        heads = {name: count(module.parameters()) for name, module in base.named_children() if name != "backbone"}
+        model = get_peft_model(base, mona_config(bottleneck_dim=bottleneck))
+    outside = [n for n, _ in model.named_parameters() if ".mona_" in n and ".backbone." not in n]
+    if outside:
+        raise AssertionError(f"Mona parameters outside the backbone: {outside[:3]}")
+    params = adapter_params(model, ".mona_")
+    return {
+        "name": "UperNet-Swin-L",
+        "bottleneck": bottleneck,
+        "backbone_params": backbone,
+        "head_params": heads,
+        "mona_params": params,
+        "share_of_backbone": params / backbone,
+        "trainable_with_heads": params + sum(heads.values()),
+        "official_mona_params_m64": OFFICIAL_M64["swin-l"],
+        "matches_official": params == OFFICIAL_M64["swin-l"] if bottleneck == 64 else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="Swin-T and Swin-L at bottleneck 64 only")
+    parser.add_argument("--results-dir", type=Path, default=None, help="where to write params.json")
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    keys = QUICK_MODELS if args.quick else FULL_MODELS
+    bottlenecks = (64,) if args.quick else BOTTLENECKS
+    payload: dict[str, Any] = {
+        "benchmark": "params",
+        "quick": args.quick,
+        "machine": machine_info(),
+        "settings": {"bottlenecks": list(bottlenecks), "lora_rank": LORA_RANK, "dtype": "float32"},
+        "models": [],
+    }
+    for key in keys:
+        entry = measure_model(MODELS[key], bottlenecks)
+        payload["models"].append(entry)
+        shares = ", ".join(
+            f"m={r['bottleneck']}: {r['params']:,} ({r['share_of_backbone']:.2%})" for r in entry["mona"]
+        )
+        lora = entry["lora"]["params"]
+        print(f"{entry['name']:12s} backbone {entry['backbone_params']:>12,}  Mona {shares}  LoRA {lora:,}")
+    payload["upernet_swin_l"] = measure_upernet_swin_l()
+    payload["seconds"] = round(time.perf_counter() - start, 1)
+    path = write_results("params_quick" if args.quick else "params", payload, args.results_dir)
+    print(f"wrote {path} in {payload['seconds']} s")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

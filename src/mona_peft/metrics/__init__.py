@@ -1,0 +1,33 @@
+"""Evaluation metrics shipped inside mona_peft, loadable with ``evaluate`` without the Hugging Face Hub.
+
+``evaluate.load("accuracy")`` fetches its metric script from the Hub; the modules here are local copies that
+``evaluate.load(path)`` reads from the installed package::
+
+    import evaluate
+    from mona_peft.metrics import ACCURACY_PATH
+
+    accuracy = evaluate.load(ACCURACY_PATH)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import evaluate
+
+ACCURACY_PATH = str(Path(__file__).resolve().parent / "accuracy")
+"""Directory of the accuracy metric module, for ``evaluate.load(ACCURACY_PATH)``."""
+
+
+def load_accuracy(**kwargs) -> evaluate.EvaluationModule:
+    """``evaluate.load`` the packaged accuracy metric. Keyword arguments go to ``evaluate.load``; by default the
+    metric keeps its state in memory, so concurrent processes (e.g. under ``accelerate launch``) share no files."""
+    import evaluate
+
+    kwargs.setdefault("keep_in_memory", True)
+    return evaluate.load(ACCURACY_PATH, **kwargs)
+
+
+__all__ = ["ACCURACY_PATH", "load_accuracy"]

