@@ -6,6 +6,7 @@ image folder (``--train_dir``), so nothing is downloaded and each run takes seco
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import shutil
@@ -104,6 +105,12 @@ def test_cli_trains_evaluates_and_saves_an_adapter(tiny_dinov2: Path, image_fold
     logits = classifier.logits([row[data.image_column] for row in test])
     loss = torch.nn.functional.cross_entropy(logits, torch.tensor(test[data.label_column])).item()
     assert loss == pytest.approx(test_metrics["test_loss"], rel=1e-4, abs=1e-5)
+    with (out / "test_predictions.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["label"] for row in rows] == [data.labels[i] for i in test[data.label_column]]
+    saved = torch.tensor([[float(row[f"logit_{name}"]) for name in data.labels] for row in rows])
+    torch.testing.assert_close(logits, saved, rtol=1e-4, atol=1e-5)
+    assert all(Path(row["image"]).is_file() for row in rows)
 
 
 @pytest.mark.parametrize("method", ["lora", "full", "linear"])

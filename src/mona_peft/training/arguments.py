@@ -19,24 +19,26 @@ from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from .data import DEFAULT_MIN_CROP_SCALE
+
 METHODS = ("mona", "lora", "full", "linear")
 """Fine-tuning methods: Mona adapters + head, LoRA r16 on the query/value projections + head, every parameter, the
 head alone (linear probe)."""
 
-DEFAULT_LEARNING_RATES = {"mona": 2e-5, "lora": 1e-3, "full": 1e-5, "linear": 5e-3}
+DEFAULT_LEARNING_RATES = {"mona": 1e-4, "lora": 1e-3, "full": 1e-5, "linear": 5e-3}
 """Peak learning rate of the trained backbone parameters (adapters, or all of them) per method, when
 ``--learning_rate`` is not given. Mona adds its output straight to the residual stream, whose scale is small in
 DINOv2 (RMS 0.05-0.5 in the middle blocks of the offline DINOv2-small), so Adam's fixed-size steps must be small."""
 
-DEFAULT_HEAD_LEARNING_RATE = 5e-3
+DEFAULT_HEAD_LEARNING_RATE = 1e-3
 """Peak learning rate of the new classification head when ``--head_learning_rate`` is not given: the head starts from
 scratch, the backbone does not. With ``--method linear`` only the head trains, and it follows ``--learning_rate``."""
 
 DEFAULT_MAX_STEPS = 60
 """Training budget when neither ``--max_steps`` nor ``--num_train_epochs`` is given: a few minutes on two CPU cores."""
 
-DEFAULT_WARMUP = 0.1
-"""Warm-up as a fraction of the training steps (the official recipe warms up for 20 of 100 epochs)."""
+DEFAULT_WARMUP = 0.2
+"""Warm-up as a fraction of the training steps, as in the official recipe (20 of 100 epochs)."""
 
 OFFLINE_MODEL_NAME = "dinov2-small"
 DEFAULT_DATA_NAME = "textile"
@@ -151,7 +153,7 @@ class DataArguments:
         default=112, metadata={"help": "Side of the square model input in pixels (small so that CPU runs are fast)."}
     )
     min_crop_scale: float = field(
-        default=0.25,
+        default=DEFAULT_MIN_CROP_SCALE,
         metadata={"help": "Smallest area fraction of a random-resized crop during training (timm/official: 0.08)."},
     )
     max_train_samples: int | None = field(
@@ -262,6 +264,11 @@ def parse_args(
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         groups.append(cls(**{k: values[k] for k in names if k in values}))
     model_args, data_args, training_args = groups[:3]
+    if _launched_processes() > 1 and training_args.world_size == 1:
+        raise RuntimeError(
+            f"{_launched_processes()} processes were launched but they did not form a process group, so each would "
+            "train on its own and overwrite the others' output. See docs/training.md for launch commands."
+        )
     if len(groups) > 3:
         training_args.overwrite_output_dir = groups[3].overwrite_output_dir
     if training_args.gradient_checkpointing and not training_args.gradient_checkpointing_kwargs:
@@ -289,12 +296,26 @@ def _fill_recipe_defaults(values: dict[str, Any]) -> None:
         values["lr_scheduler_kwargs"] = (
             {"min_lr_rate": 0.01} if values["lr_scheduler_type"] == "cosine_with_min_lr" else {}
         )
-    if values.get("dataloader_pin_memory") is None:
-        import torch
+    import torch
 
-        values["dataloader_pin_memory"] = torch.cuda.is_available()
+    accelerator = getattr(torch, "accelerator", None)
+    has_accelerator = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    if values.get("dataloader_pin_memory") is None:
+        values["dataloader_pin_memory"] = has_accelerator
+    if _launched_processes() > 1 and not has_accelerator:
+        # torchrun / `accelerate launch --multi_gpu` on a machine without an accelerator: the processes can only form
+        # a CPU (gloo) group, which TrainingArguments set up only with use_cpu.
+        values["use_cpu"] = True
     if values["output_dir"] is None:
         values["output_dir"] = default_output_dir(method, values["model_name_or_path"], values)
+
+
+def _launched_processes() -> int:
+    """How many processes a launcher (torchrun, ``accelerate launch --multi_gpu``, mpirun) started, from its env."""
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 1
 
 
 def default_output_dir(method: str, model_name_or_path: str | None, data: dict[str, Any]) -> str:

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import time
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import nn
 from transformers import TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
@@ -44,6 +46,7 @@ MODEL_FILES = ("adapter_config.json", *WEIGHT_FILES)
 """Files whose presence means an output directory already holds a trained model."""
 
 RESUME_LATEST = ("true", "latest", "last")
+PREDICTIONS_FILE = "test_predictions.csv"
 RESULTS_FILE = "results.json"
 """Validation and test metrics of the final model, written next to it."""
 DEFAULT_DATASET_ID = "conformal-clip-data"
@@ -186,12 +189,20 @@ def make_trainer(experiment: Experiment, callbacks: Sequence[TrainerCallback] = 
 
 
 def evaluate_splits(experiment: Experiment, trainer: RecipeTrainer) -> dict[str, float]:
-    """Validation and test metrics of the trained model (saved as ``eval_results.json`` / ``test_results.json``)."""
+    """Validation and test metrics of the trained model, saved as ``eval_results.json`` / ``test_results.json``,
+    and the test predictions (gathered from all processes) as ``test_predictions.csv``.
+
+    In a multi-process run the Trainer's ``test_loss`` averages per-process batch losses, which count the samples
+    that pad the last batch of a process; the accuracy and the saved logits do not.
+    """
     validation = _validation_metrics(trainer, experiment.validation_set)
     trainer.save_metrics("eval", validation)
-    test = trainer.evaluate(experiment.test_set, metric_key_prefix="test")
+    prediction = trainer.predict(experiment.test_set, metric_key_prefix="test")
+    test = prediction.metrics
     trainer.log_metrics("test", test)
     trainer.save_metrics("test", test)
+    if trainer.is_world_process_zero():
+        write_predictions(experiment, prediction.predictions, experiment.output_dir / PREDICTIONS_FILE)
     return {
         "validation_accuracy": validation["eval_accuracy"],
         "validation_loss": validation["eval_loss"],
@@ -200,6 +211,26 @@ def evaluate_splits(experiment: Experiment, trainer: RecipeTrainer) -> dict[str,
         "test_loss": test["test_loss"],
         "test_samples": len(experiment.test_set),
     }
+
+
+def write_predictions(experiment: Experiment, logits: Any, path: Path) -> None:
+    """One CSV row per test image: its index in the test split, file (if known), true and predicted label, logits."""
+    from datasets import Image
+
+    logits = np.asarray(logits[0] if isinstance(logits, tuple) else logits)
+    data = experiment.data
+    test = data.splits["test"]
+    files = [
+        (item or {}).get("path") or ""
+        for item in test.cast_column(data.image_column, Image(decode=False))[data.image_column]
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["index", "image", "label", "predicted", *(f"logit_{label}" for label in data.labels)])
+        for index, (file, label, row) in enumerate(zip(files, test[data.label_column], logits, strict=True)):
+            predicted = data.labels[int(np.argmax(row))]
+            writer.writerow([index, file, data.labels[label], predicted, *(repr(float(v)) for v in row)])
 
 
 def save(experiment: Experiment, trainer: RecipeTrainer, metrics: dict[str, float]) -> None:
