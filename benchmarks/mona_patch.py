@@ -14,8 +14,11 @@ is where the profile (docs/profile.md) shows Mona's time and memory go:
 2. **One split instead of two slices.** ``h.split([prefix, h*w])`` returns both views at once; its backward is a
    single ``cat`` instead of two zero-filled ``slice_backward`` buffers summed together.
 3. **Projector skip folded into the 1x1 weight.** ``z + W z + b == (W + I) z + b``: one linear, no extra add.
-4. **Merged kernel cached when no gradient is needed** (eval/inference): the merged 7x7 kernel is recomputed only
-   when a filter weight changes (tracked by the tensors' version counters).
+
+(Caching the merged kernel in eval mode was tried and dropped: keyed on version counters it goes stale when weights
+are updated through ``.data``, which failed the project's resume test, and the merge is under 1% of a module.)
+
+The same change as a patch of ``src/``: ``benchmarks/proposed_mona_delta.diff``.
 
 ``install()`` replaces ``MonaLayer.mona_delta`` in the current process; ``uninstall()`` restores it.
 """
@@ -27,11 +30,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mona_peft.filters import merged_filter_params, reference_filter
+from mona_peft.filters import merged_filter, reference_filter
 from mona_peft.layer import MonaLayer, conv_part
 
 _ORIGINAL = MonaLayer.mona_delta
-_KERNEL_CACHE_ATTR = "_mona_merged_kernel_cache"
 
 
 class ScaledNormDown(torch.autograd.Function):
@@ -99,37 +101,6 @@ class ScaledNormDown(torch.autograd.Function):
         return grad_x, grad_gamma, grad_beta, grad_s1, grad_s2, grad_weight, grad_bias, None
 
 
-def _cached_merged_params(
-    layer: MonaLayer, key: tuple[str, str], convs: list[torch.nn.Conv2d], dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``merged_filter_params`` in ``dtype``, memoised per (adapter, position) while no gradient is recorded.
-
-    The cache holds detached views of the conv parameters it was computed from: they keep the old storage alive, so a
-    replaced ``.data`` can never be mistaken for the cached one, and the stored version counters catch in-place
-    updates (optimizer steps, ``load_state_dict``).
-    """
-    params = [t for c in convs for t in (c.weight, c.bias)]
-
-    def compute() -> tuple[torch.Tensor, torch.Tensor]:
-        cast = [t if t.dtype == dtype else t.to(dtype) for t in params]
-        return merged_filter_params(cast[0::2], cast[1::2])
-
-    if torch.is_grad_enabled() and any(t.requires_grad for t in params):
-        return compute()
-    cache = layer.__dict__.setdefault(_KERNEL_CACHE_ATTR, {})
-    hit = cache.get((*key, dtype))
-    if hit is not None:
-        sources, versions, merged = hit
-        if all(
-            s.data_ptr() == t.data_ptr() and v == t._version for s, v, t in zip(sources, versions, params, strict=True)
-        ):
-            return merged
-    with torch.inference_mode(False), torch.no_grad():  # normal tensors: usable later with grad enabled
-        merged = compute()
-    cache[(*key, dtype)] = ([t.detach() for t in params], [t._version for t in params], merged)
-    return merged
-
-
 def patched_mona_delta(
     self: MonaLayer, adapter_name: str, position: str, x: torch.Tensor, grid: tuple[int, int]
 ) -> torch.Tensor:
@@ -167,11 +138,8 @@ def patched_mona_delta(
     prefix, patches = h.split([num_prefix, height * width], dim=1)
     image = patches.transpose(1, 2).reshape(batch, -1, height, width)
     convs = [p[conv_part(k)] for k in settings.kernel_sizes]
-    if settings.merge_filters:
-        kernel, bias = _cached_merged_params(self, (adapter_name, position), convs, dtype)
-        image = F.conv2d(image, kernel, bias, padding=kernel.shape[-1] // 2, groups=image.shape[1])
-    else:
-        image = reference_filter(image, [w(c.weight) for c in convs], [w(c.bias) for c in convs])
+    weights, biases = [w(c.weight) for c in convs], [w(c.bias) for c in convs]
+    image = (merged_filter if settings.merge_filters else reference_filter)(image, weights, biases)
     patches = image.flatten(2).transpose(1, 2)
     h = torch.cat([prefix, patches], dim=1) if num_prefix else patches
 

@@ -50,7 +50,7 @@ def _patch_rows(patch: dict[str, Any] | None) -> list[str]:
     lines = []
     for c in patch["configs"]:
         tr, ir, mem = c["train_time_ratios"], c["inference_time_ratios"], c["train_peak_ratios"]
-        inc = c["train_step_memory_ratios"]
+        inc = c["train_step_memory_ratios"] if c.get("heap", "trimmed") == "trimmed" else {}
         lines.append(
             f"- **{c['model_name']}, batch {c['batch']}** ({c['rounds']} rounds): train step patched / current "
             f"{_ratio_text(tr.get('mona_patched/mona'))}, patched / LoRA {_ratio_text(tr.get('mona_patched/lora'))} "
@@ -91,7 +91,10 @@ def render(
     fv = profile["filter_variants"]["ratios"]
     copies = module["train"].get("copy_parents", {})
     copy_conv = sum(v["forward_ms"] + v["backward_ms"] for k, v in copies.items() if "conv" in k)
+    copy_addmm = sum(v["forward_ms"] + v["backward_ms"] for k, v in copies.items() if k == "aten::addmm")
     copy_all = sum(v["forward_ms"] + v["backward_ms"] for v in copies.values())
+    blocks = 12  # ViT-B/16
+    block_ms = forward_total / blocks
     s = profile["train_step"]
 
     def vit_ratios(mode: str, variant: str) -> dict[str, Any] | None:
@@ -129,18 +132,21 @@ def render(
         f"`to grid` stage costs {train[STAGE_GRID]['forward_ms']:.2f} ms forward; its backward "
         f"({train[STAGE_GRID]['backward_ms']:.1f} ms) is the zero-filled buffers of the two `h[:, a:b]` slices "
         f"(`slice_backward`), and the prefix-token `cat` costs {_total(train[STAGE_CAT]):.1f} ms. All `copy_` calls "
-        f"together take {copy_all:.1f} ms ({copy_conv:.1f} ms of it inside the conv, which makes the sliced, "
-        "non-dense patch view dense). Merging the three kernels costs "
+        f"together take {copy_all:.1f} ms: {copy_addmm:.1f} ms is `addmm` copying its bias into the output, "
+        f"{copy_conv:.1f} ms is the conv making the sliced (non-dense) patch view dense. Merging the three kernels "
+        "costs "
         f"{_total(train[STAGE_MERGE]):.2f} ms per call.",
         f"3. **In a whole train step** ({s['model']}, batch {s['batch']}, median of {s['iterations']} profiled "
         f"steps, {step_total / 1e3:.1f} s): Mona's own compute is {compute_f / 1e3:.2f} s of the "
         f"{forward_total / 1e3:.2f} s forward ({compute_f / forward_total:.0%}) and {compute_b / 1e3:.2f} s of the "
         f"{backward_total / 1e3:.2f} s backward ({compute_b / backward_total:.0%}); the glue around it (hooks, "
         f"context variables and the three residual adds per block) {glue_f:.0f} ms forward + {glue_b:.0f} ms "
-        "backward, almost all of it the adds.",
+        f"backward, of which the hooks themselves are about {blocks} × {glue_us:.0f} µs ≈ "
+        f"{blocks * glue_us / 1e3:.0f} ms (finding 4): the rest is the full-width adds.",
         f"4. **Hooks and context variables cost {glue_us:.0f} µs per block call** (median; a 12-block tiny ViT with "
-        "Mona's compute stubbed out, against the plain model, one thread). A ViT-B/16 block takes tens to "
-        "hundreds of milliseconds here, so this is noise; not worth optimising.",
+        "Mona's compute stubbed out, against the plain model, one thread; the spread is large at this scale). A "
+        f"ViT-B/16 block's forward takes {block_ms:.0f} ms at batch {s['batch']} here, so this is noise: not worth "
+        "optimising.",
         "5. **What an ideal implementation could reach** (matmul and conv multiply-adds only, counted from the "
         "configs): "
         + (
@@ -196,9 +202,10 @@ def render(
         "",
         "## Optimisations",
         "",
-        "Proposed (all in the prototype `benchmarks/mona_patch.py`, exact up to float rounding, checked against "
-        "the current `mona_delta` in float64 for outputs and all 16 parameter gradients, plus gradcheck of the new "
-        "autograd function, in `tests/test_benchmarks.py`):",
+        "Proposed (the prototype `benchmarks/mona_patch.py`; exact up to float rounding, checked against the "
+        "current `mona_delta` in float64 for outputs, input and all 16 parameter gradients, plus gradcheck of the "
+        "new autograd function, in `tests/test_benchmarks.py`; as a patch of `src/` it passes the project's test "
+        "suite, torch.compile and gradient-checkpointing tests included):",
         "",
         "1. **Scaled norm + down projection as one autograd function** (`ScaledNormDown`). Forward: LayerNorm with "
         "s1 folded into its affine (two size-C multiplies instead of a [B, N, C] one), an in-place `addcmul` for "
@@ -210,9 +217,6 @@ def render(
         "2. **One `split` instead of two slices** for prefix and patch tokens: its backward is one `cat` instead of "
         "two zero-filled `slice_backward` buffers and their sum.",
         "3. **Projector skip folded into the 1×1 weight**: `z + Wz + b = (W + I)z + b`, one op less each way.",
-        "4. **Merged kernel cached when no gradient is recorded** (inference), invalidated by the parameters' "
-        f"version counters: the filter alone in eval is {_ratio_text(fv.get('cached/src'))} the time of merging on "
-        "every call (small: the merge is a few tiny ops).",
         "",
         "Measured, one module, original vs patched (interleaved rounds, median of per-call times; A/A = the "
         "original against itself):",
@@ -239,6 +243,13 @@ def render(
         "writing into a preallocated buffer) copies as much. The split (item 2) removes the expensive part, which "
         "was on the backward side.",
         "- *hooks/context variables*: a few µs per block (finding 4).",
+        "- *caching the merged kernel in eval mode*: the filter alone in eval runs in "
+        f"{_ratio_text(fv.get('cached/src'))} of the time with a precomputed kernel, but the merge is "
+        f"{train[STAGE_MERGE]['forward_ms']:.2f} ms of a module's forward. A cache keyed on the parameters' version "
+        "counters goes stale when weights are updated through `.data` (its own version counter): with it, the "
+        "project's `test_resumed_run_matches_uninterrupted_run` evaluated bit-identical weights to a different "
+        "loss. Not worth the risk. (The module and whole-model timings of the prototype below were measured with "
+        "that cache on; it only touches inference, by at most the merge time above.)",
         "",
         "The proposed change to `src/` is `benchmarks/proposed_mona_delta.diff` (a new `src/mona_peft/fused.py` "
         "with `ScaledNormDown`, and `MonaLayer.mona_delta` / `_merged_filter` in `layer.py`); apply it with "

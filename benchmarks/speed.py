@@ -10,9 +10,13 @@ How it measures (so that a noisy, shared machine still gives comparable numbers)
 * an A/A pair, Mona in two independent workers (``mona`` and ``mona_twin``), shows the noise floor of every metric;
 * a train step is forward + backward + ``AdamW.step()`` + ``zero_grad()``, in train mode (Mona's dropout on); inference
   is one forward in eval mode under ``torch.inference_mode()``; models are randomly initialised from their configs;
-* peak memory is measured on the same steps, per process (see :mod:`benchmarks.memory`); each step starts from a
-  trimmed heap (and gives its memory back after, so idle workers stay small) and pays the page faults for the memory
-  it touches, the same way for every method;
+* every worker gets the same fixed glibc allocator thresholds (:func:`benchmarks.memory.fix_allocator_policy`), so
+  none allocates differently because of what it ran before;
+* timed steps run on a *steady* heap (left warm by the previous step, as in a training loop) whenever all workers
+  can hold their peak memory at once; otherwise (large batches) each step starts from a *trimmed* heap and gives its
+  memory back after, and then pays the page faults for everything it touches; the mode is recorded per config;
+* peak memory is measured on the same steps, per process (see :mod:`benchmarks.memory`): with a steady heap it is
+  the process's resident peak in a training loop, with a trimmed heap the step's own peak;
 * each worker first runs one untimed warm-up train step and inference at the first batch size.
 
     python -m benchmarks.speed                 # ViT-B/16 and Swin-T at 224 px, batch 8 and 32 (~20 min on 2 cores)
@@ -213,15 +217,21 @@ class MethodBench:
         with torch.inference_mode(), self._autocast():
             self.forward(pixel_values=pixels)
 
-    def measure(self, kind: str, batch: int) -> dict[str, Any]:
-        """Time one train step or one inference and record its peak memory."""
+    def measure(self, kind: str, batch: int, trim_before: bool, trim_after: bool) -> dict[str, Any]:
+        """Time one train step or one inference and record its peak memory.
+
+        ``trim_before``: give the free heap back to the OS first, so the peak RSS is the step's own (otherwise the
+        step runs on the warm heap left by the previous one, as in a training loop); ``trim_after``: give it back
+        after, so an idle worker does not sit on memory the others need.
+        """
         pixels, labels = self._batch(batch)
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated() / 2**20
         else:
-            memory.trim_heap()
+            if trim_before:
+                memory.trim_heap()
             before = memory.rss_mib()
             memory.reset_peak()
         cpu_start, start = time.process_time(), time.perf_counter()
@@ -233,25 +243,33 @@ class MethodBench:
             torch.cuda.synchronize()
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         peak = torch.cuda.max_memory_allocated() / 2**20 if self.cuda else memory.peak_rss_mib()
-        if not self.cuda:
-            memory.trim_heap()  # idle workers must not sit on their peak: several of them share the machine's memory
+        if trim_after and not self.cuda:
+            memory.trim_heap()
         return {
             "seconds": seconds,
             "cpu_seconds": cpu_seconds,
             "cpu_util": cpu_seconds / (seconds * torch.get_num_threads()),
             "peak_mib": peak,
             "step_mib": peak - before,
+            "rss_before_mib": before,
+            "rss_after_mib": memory.rss_mib() if not self.cuda else 0.0,
+            "heap": "trimmed" if trim_before else "steady",
         }
 
 
 def _worker_main(conn: Any, model_key: str, method: str, device: str, threads: int, seed: int) -> None:
     try:
         torch.set_num_threads(threads)
+        allocator_fixed = memory.fix_allocator_policy() if not device.startswith("cuda") else False
         bench = MethodBench(model_key, method, device, seed)
-        conn.send({"ok": True, "info": bench.info()})
+        conn.send({"ok": True, "info": {**bench.info(), "allocator_policy_fixed": allocator_fixed}})
         while (command := conn.recv()) is not None:
-            kind, batch = command
-            conn.send({"ok": True, **bench.measure(kind, batch)})
+            if command[0] == "release":
+                memory.trim_heap()
+                conn.send({"ok": True, "rss_after_mib": memory.rss_mib()})
+            else:
+                _, kind, batch, trim_before, trim_after = command
+                conn.send({"ok": True, **bench.measure(kind, batch, trim_before, trim_after)})
     except Exception:
         conn.send({"ok": False, "error": traceback.format_exc()})
     finally:
@@ -280,9 +298,15 @@ class Worker:
     def ready(self) -> None:
         self.info = self._receive()["info"]
 
-    def measure(self, kind: str, batch: int) -> dict[str, Any]:
-        self.conn.send((kind, batch))
+    def measure(self, kind: str, batch: int, trim: bool, keep_warm: bool = False) -> dict[str, Any]:
+        """One measurement; ``trim``: from a trimmed heap, given back after unless ``keep_warm``."""
+        self.conn.send(("measure", kind, batch, trim, trim and not keep_warm))
         return self._receive()
+
+    def release(self) -> float:
+        """Give the worker's free heap back to the OS; returns its RSS after."""
+        self.conn.send(("release",))
+        return self._receive()["rss_after_mib"]
 
     def stop(self) -> None:
         with contextlib.suppress(BrokenPipeError, OSError):
@@ -318,11 +342,19 @@ def run_model(
             w.ready()
         train = [m for m in methods if m.split("+")[0] in TRAIN_METHODS]
         infer = [m for m in methods if m.split("+")[0] in INFERENCE_METHODS]
-        for m in methods:  # warm-up: lazy initialisation, optimizer state, oneDNN primitives
-            if m in train:
-                workers[m].measure("train", batches[0])
-            if m in infer:
-                workers[m].measure("inference", batches[0])
+        # Warm-up (lazy initialisation, optimizer state, oneDNN primitives), each step from a trimmed heap: its peak
+        # tells how much memory the worker needs, which decides below whether timed steps can run on warm heaps.
+        needs: dict[str, dict[str, float]] = {}
+        resident: dict[str, float] = {}
+        for m in methods:
+            for kind in ("inference", "train"):  # train last: its heap is the larger one to keep warm
+                if m in (train if kind == "train" else infer):
+                    got = workers[m].measure(kind, batches[0], trim=True, keep_warm=True)
+                    need = needs.setdefault(m, {"base": got["rss_before_mib"], "peak": 0.0, "batch": batches[0]})
+                    need["base"] = min(need["base"], got["rss_before_mib"])
+                    need["peak"] = max(need["peak"], got["peak_mib"])
+            # keep the heap warm, unless memory is getting short
+            resident[m] = workers[m].release() if _memory_short() else needs[m]["peak"]
         print(f"  {model_key}: workers ready and warm after {time.perf_counter() - started:.0f} s", flush=True)
         records, configs = [], []
         for batch, n_rounds in zip(batches, rounds, strict=True):
@@ -331,14 +363,38 @@ def run_model(
             def active(m: str, batch: int = batch) -> bool:
                 return not (m.startswith("mona_ref") and ref_max_batch is not None and batch > ref_max_batch)
 
+            # Steady heaps when every worker can keep its peak at this batch size at once, trimmed heaps otherwise.
+            estimate = sum(
+                n["peak"] + (n["peak"] - n["base"]) * (batch / n["batch"] - 1) for m, n in needs.items() if active(m)
+            )
+            available = memory.available_mib()
+            total = (available or 0.0) + sum(resident.values())
+            steady = not device.startswith("cuda") and available is not None and estimate < 0.8 * total
+            if not steady:
+                resident = {m: workers[m].release() for m in methods}
+            elif batch != batches[0]:
+                for m in methods:  # let each heap grow to this batch size before timing (untimed)
+                    for kind, names in (("train", train), ("inference", infer)):
+                        if m in names and active(m):
+                            workers[m].measure(kind, batch, trim=False)
+            heap = "steady" if steady else "trimmed"
+            print(
+                f"  {model_key} b{batch}: {heap} heaps (workers need ~{estimate / 1024:.1f} GiB at once, "
+                f"{total / 1024:.1f} GiB available)",
+                flush=True,
+            )
             for r in range(n_rounds):
                 for kind, names in (("train", train), ("inference", infer)):
                     order = [m for m in names if active(m)]
                     rng.shuffle(order)
                     for m in order:
-                        result = workers[m].measure(kind, batch)
+                        result = workers[m].measure(kind, batch, trim=not steady)
                         records.append({"model": model_key, "batch": batch, "kind": kind, "round": r, "method": m})
                         records[-1].update(result)
+                        need = needs[m]
+                        need["peak"] = max(need["peak"] if need["batch"] == batch else 0.0, result["peak_mib"])
+                        need["batch"] = batch
+                        resident[m] = result["rss_after_mib"]
                 mine = [x for x in records if x["batch"] == batch and x["round"] == r and x["model"] == model_key]
                 line = ", ".join(f"{x['method']}/{x['kind'][0]} {x['seconds']:.2f}s" for x in mine)
                 print(f"  {model_key} b{batch} round {r + 1}/{n_rounds}: {line}", flush=True)
@@ -349,6 +405,9 @@ def run_model(
                     "image_size": MODELS[model_key].image_size,
                     "batch": batch,
                     "rounds": n_rounds,
+                    "heap": heap,
+                    "memory_estimate_mib": estimate,
+                    "memory_available_mib": total,
                     "load_average_before": load_before,
                     "load_average_after": load_average(),
                     "seconds": round(time.perf_counter() - config_start, 1),
@@ -359,6 +418,15 @@ def run_model(
     finally:
         for w in workers.values():
             w.stop()
+
+
+def _memory_short(fraction: float = 0.3) -> bool:
+    """Whether less than ``fraction`` of the machine's memory is still available."""
+    available = memory.available_mib()
+    from benchmarks.common import _total_memory_gib
+
+    total = _total_memory_gib()
+    return available is not None and total is not None and available < fraction * total * 1024
 
 
 def summarize_config(config: dict, records: list[dict]) -> dict:
@@ -378,7 +446,9 @@ def summarize_config(config: dict, records: list[dict]) -> dict:
                 if (found := paired_ratios(rows, num, den, key)) is not None
             }
     train_rows = [r for r in mine if r["kind"] == "train"]
-    for key, name in (("peak_mib", "train_peak_ratios"), ("step_mib", "train_step_memory_ratios")):
+    out["train_step_memory_ratios"] = {}  # with steady heaps the increment is ~0 by construction
+    keys = (("peak_mib", "train_peak_ratios"), ("step_mib", "train_step_memory_ratios"))
+    for key, name in keys if config.get("heap", "trimmed") == "trimmed" else keys[:1]:
         out[name] = {
             f"{num}/{den}": found
             for num, den in MEMORY_PAIRS
@@ -657,7 +727,7 @@ def main(argv: Iterable[str] | None = None) -> dict[str, Any]:
     payload: dict[str, Any] = {
         "benchmark": "speed",
         "quick": args.quick,
-        "machine": machine_info(args.device),
+        "machine": {**machine_info(args.device), "torch_threads": threads},
         "settings": {
             "models": models,
             "methods": methods,
