@@ -259,7 +259,8 @@ def tester(upstream: types.SimpleNamespace) -> Any:
 # Adapter configs. As in PEFT's suites, the base kwargs keep the identity init and the properties that need an adapter
 # that changes the output get `init_weights=False` through PEFT's own `set_init_weights_false`.
 HEAD = {"bottleneck_dim": 8, "modules_to_save": ["classifier"]}
-PLAIN = {"bottleneck_dim": 8}
+# `modules_to_save=[]`: no head, even where Mona would train the model's task head by default.
+PLAIN = {"bottleneck_dim": 8, "modules_to_save": []}
 HF_CASES = [
     pytest.param("vit", HEAD, id="vit"),
     pytest.param("vit-backbone", PLAIN, id="vit-backbone"),

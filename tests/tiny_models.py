@@ -100,3 +100,55 @@ def randomize_adapter(model: nn.Module, seed: int = 0, scale: float = 0.2) -> No
     for name, param in model.named_parameters():
         if ".mona_" in name:
             param.copy_(torch.randn(param.shape, generator=generator) * scale + (1.0 if "scale_skip" in name else 0.0))
+
+
+def upernet_swin(num_labels: int = 3, auxiliary_head: bool = True, seed: int = 0) -> nn.Module:
+    """UperNet on a three-stage Swin backbone (widths 16/32/64), random init, in eval mode."""
+    torch.manual_seed(seed)
+    backbone = transformers.SwinConfig(
+        image_size=32,
+        patch_size=4,
+        embed_dim=16,
+        depths=[1, 2, 1],
+        num_heads=[1, 2, 2],
+        window_size=2,
+        out_features=["stage1", "stage2", "stage3"],
+    )
+    config = transformers.UperNetConfig(
+        backbone_config=backbone,
+        hidden_size=16,
+        auxiliary_channels=8,
+        use_auxiliary_head=auxiliary_head,
+        num_labels=num_labels,
+        pool_scales=[1, 2],
+    )
+    return transformers.UperNetForSemanticSegmentation(config).eval()
+
+
+def mask2former_swin(num_labels: int = 3, seed: int = 0) -> nn.Module:
+    """Mask2Former on a four-stage Swin backbone, random init, in eval mode (its loss needs scipy)."""
+    torch.manual_seed(seed)
+    backbone = transformers.SwinConfig(
+        image_size=64,
+        patch_size=4,
+        embed_dim=16,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 2, 2, 4],
+        window_size=2,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    config = transformers.Mask2FormerConfig(
+        backbone_config=backbone,
+        feature_size=32,
+        mask_feature_size=32,
+        hidden_dim=32,
+        encoder_feedforward_dim=32,
+        dim_feedforward=32,
+        num_queries=5,
+        encoder_layers=1,
+        decoder_layers=2,
+        num_attention_heads=2,
+        num_labels=num_labels,
+        train_num_points=16,
+    )
+    return transformers.Mask2FormerForUniversalSegmentation(config).eval()

@@ -50,7 +50,12 @@ class MonaConfig(PeftConfig):
             Run the averaged depthwise convs (and their identity skip) as one depthwise conv with the largest kernel,
             which is mathematically identical and faster. `False` runs the separate convs (the reference form).
         modules_to_save (`list[str]`, *optional*):
-            Modules trained and saved in full besides the adapter, typically the task head (e.g. `["classifier"]`).
+            Modules trained and saved in full besides the adapter (PEFT matches them by name suffix). Default `None`:
+            the model's task head, i.e. every module with parameters outside the adapted backbone, chosen when the
+            adapter is created and written to adapter_config.json: `["classifier"]` for image classifiers,
+            `["decode_head", "auxiliary_head"]` for UperNet, `["model.pixel_level_module.decoder",
+            "model.transformer_module", "class_predictor"]` for Mask2Former, nothing for a bare backbone or an
+            unfamiliar model (see `mona_peft.heads`). An explicit list always wins; `[]` trains no head.
     """
 
     target_modules: list[str] | str | None = field(
@@ -85,7 +90,11 @@ class MonaConfig(PeftConfig):
         default=True, metadata={"help": "Run the averaged depthwise convs as one merged conv (exact, faster)."}
     )
     modules_to_save: list[str] | None = field(
-        default=None, metadata={"help": "Modules trained and saved in full, e.g. the task head ['classifier']."}
+        default=None,
+        metadata={
+            "help": "Modules trained and saved in full besides the adapter; None = the model's task head (e.g. "
+            "['classifier'], UperNet's ['decode_head', 'auxiliary_head']); [] = none."
+        },
     )
 
     def __post_init__(self) -> None:

@@ -33,6 +33,9 @@ class BlockLayout:
     # "patch_grid": ViT-like, grid from the patch-embedding conv, prefix tokens possible.
     # "input_dimensions": Swin-like, grid passed to the block as its second argument.
     grid_source: Literal["patch_grid", "input_dimensions"]
+    # ``config.model_type`` of the transformers models built from these blocks (ViTModel, SwinBackbone, ...): a
+    # sub-model of one of these types is the backbone, everything beside it is task head (see ``heads.py``).
+    model_types: tuple[str, ...] = ()
 
     def resolve(self, block: nn.Module) -> tuple[str, str]:
         """Names of the entry and join sub-modules of ``block`` (raises if this layout does not fit it)."""
@@ -59,6 +62,7 @@ LAYOUTS: tuple[BlockLayout, ...] = (
         entry_candidates=("layernorm_after",),
         join_candidates=("output", "dropout"),
         grid_source="patch_grid",
+        model_types=("vit", "deit"),
     ),
     BlockLayout(
         family="dinov2",
@@ -66,6 +70,7 @@ LAYOUTS: tuple[BlockLayout, ...] = (
         entry_candidates=("norm2",),
         join_candidates=("drop_path",),
         grid_source="patch_grid",
+        model_types=("dinov2", "dinov2_with_registers"),
     ),
     BlockLayout(
         family="swin",
@@ -73,6 +78,7 @@ LAYOUTS: tuple[BlockLayout, ...] = (
         entry_candidates=("layernorm_after",),
         join_candidates=("output", "dropout"),
         grid_source="input_dimensions",
+        model_types=("swin",),
     ),
     BlockLayout(
         family="swinv2",
@@ -80,10 +86,12 @@ LAYOUTS: tuple[BlockLayout, ...] = (
         entry_candidates=("intermediate",),
         join_candidates=("drop_path",),
         grid_source="input_dimensions",
+        model_types=("swinv2",),
     ),
 )
 
 SUPPORTED_BLOCKS: tuple[str, ...] = tuple(name for layout in LAYOUTS for name in layout.block_classes)
+BACKBONE_MODEL_TYPES: frozenset[str] = frozenset(t for layout in LAYOUTS for t in layout.model_types)
 
 
 def layout_for(block: nn.Module) -> BlockLayout | None:

@@ -14,6 +14,7 @@ from .checkpoint import check_checkpoint, read_weights
 from .config import MonaConfig
 from .families import LAYOUTS, SUPPORTED_BLOCKS, is_patch_grid_conv, layout_for
 from .grid import PatchGridTracker
+from .heads import task_head_modules
 from .layer import MERGE_ERROR, MonaLayer
 
 
@@ -52,10 +53,12 @@ class MonaModel(BaseTuner):
         >>> from transformers import ViTConfig, ViTForImageClassification
         >>> model = ViTForImageClassification(ViTConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
         ...                                             intermediate_size=128, image_size=32, patch_size=8))
-        >>> model = get_peft_model(model, mona_peft.MonaConfig(bottleneck_dim=16, modules_to_save=["classifier"]))
+        >>> model = get_peft_model(model, mona_peft.MonaConfig(bottleneck_dim=16))  # Mona + "classifier" trained
 
     Every targeted block is replaced by a :class:`~mona_peft.layer.MonaLayer` that keeps the block as ``base_layer``.
-    Mona cannot be merged into weights; ``unload()`` gives the original model back.
+    Mona cannot be merged into weights; ``unload()`` gives the original model back. With ``modules_to_save=None`` a
+    new adapter also trains the model's task head (see :mod:`mona_peft.heads`), e.g. UperNet's ``decode_head`` and
+    ``auxiliary_head`` while Mona goes into the Swin backbone only.
     """
 
     prefix: str = "mona_"
@@ -69,6 +72,10 @@ class MonaModel(BaseTuner):
         source = peft_config.__dict__.pop("_checkpoint_source", None)
         if source is not None:  # loading a saved adapter: check the weights before the model is changed
             check_checkpoint(self.model, peft_config, targeted, read_weights(source))
+        elif peft_config.modules_to_save is None:
+            # A new adapter trains the task head by default; the choice is saved in adapter_config.json, so loading
+            # reproduces it (a saved adapter is loaded exactly as its config says, even with no head).
+            peft_config.modules_to_save = task_head_modules(self.model, targeted) or None
         return peft_config
 
     def _check_targets(self, peft_config: MonaConfig) -> list[str]:

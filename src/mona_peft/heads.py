@@ -1,0 +1,72 @@
+"""The task head of a model: what Mona's ``modules_to_save`` defaults to.
+
+Mona trains its adapters and the task head; the rest of the backbone stays frozen. The head is everything with
+parameters outside the backbone, and the backbone is the transformers sub-model that holds the adapted blocks and
+whose ``config.model_type`` is one of the block families (``ViTModel``, ``Dinov2Model``, ``SwinModel``, and the
+``SwinBackbone`` that ``AutoBackbone`` builds inside dense-prediction models). For example:
+
+=======================================  ==================================================================
+model                                    head (default ``modules_to_save``)
+=======================================  ==================================================================
+``ViTForImageClassification`` & co.      ``classifier`` (DeiT with teacher: both classifiers)
+``UperNetForSemanticSegmentation``       ``decode_head``, ``auxiliary_head``
+``Mask2FormerForUniversalSegmentation``  ``model.pixel_level_module.decoder``, ``model.transformer_module``,
+                                         ``class_predictor``
+``SwinModel``, ``SwinBackbone`` (bare)   none
+=======================================  ==================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+from .families import BACKBONE_MODEL_TYPES
+
+
+def is_backbone_model(module: nn.Module) -> bool:
+    """Whether ``module`` is the bare model or the ``AutoBackbone`` of a family Mona supports (``ViTModel``,
+    ``SwinBackbone``...), not a task model of that family (``ViTForImageClassification`` shares its config type)."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(module, PreTrainedModel):
+        return False
+    if getattr(module.config, "model_type", None) not in BACKBONE_MODEL_TYPES:
+        return False
+    return hasattr(module, "out_features") or module.base_model is module
+
+
+def task_head_modules(model: nn.Module, blocks: Iterable[str]) -> list[str] | None:
+    """Dotted names of the modules of ``model`` that form its task head, given the names of the adapted ``blocks``.
+
+    Walks down from ``model`` towards the blocks: a child that holds none of the blocks and has parameters is head; a
+    child that is the backbone (:func:`is_backbone_model`) is left alone; any other child holding blocks (e.g.
+    Mask2Former's ``model.pixel_level_module``) is searched the same way. Returns ``[]`` when ``model`` is itself a
+    backbone, and ``None`` when some block does not sit inside a recognised backbone, so that no guess is made about
+    an unfamiliar model.
+    """
+    block_names = [name for name in blocks if name]
+    if not block_names:
+        return None
+    return _heads_below(model, "", block_names)
+
+
+def _heads_below(module: nn.Module, prefix: str, blocks: list[str]) -> list[str] | None:
+    if is_backbone_model(module):
+        return []
+    heads: list[str] = []
+    for name, child in module.named_children():
+        path = prefix + name
+        inside = [b for b in blocks if b == path or b.startswith(path + ".")]
+        if not inside:
+            if any(True for _ in child.parameters()):
+                heads.append(path)
+            continue
+        if path in inside:  # reached a block without passing through a backbone model
+            return None
+        below = _heads_below(child, path + ".", inside)
+        if below is None:
+            return None
+        heads += below
+    return heads
