@@ -247,11 +247,21 @@ def lora_config(model: nn.Module, modules_to_save: list[str] | None = None) -> A
     )
 
 
-def mona_config(bottleneck_dim: int = 64, merge_filters: bool = True, modules_to_save: list[str] | None = None) -> Any:
-    """Mona with the paper's defaults (kernels 3/5/7, dropout 0.1, both positions)."""
+def mona_config(
+    bottleneck_dim: int = 64,
+    merge_filters: bool = True,
+    modules_to_save: list[str] | None = None,
+    default_heads: bool = False,
+) -> Any:
+    """Mona with the paper's defaults (kernels 3/5/7, dropout 0.1, both positions).
+
+    No module is trained in full unless ``modules_to_save`` names some, or ``default_heads`` asks for MonaConfig's
+    own default (the model's task head).
+    """
     from mona_peft import MonaConfig
 
-    return MonaConfig(bottleneck_dim=bottleneck_dim, merge_filters=merge_filters, modules_to_save=modules_to_save)
+    heads = None if default_heads else (modules_to_save or [])
+    return MonaConfig(bottleneck_dim=bottleneck_dim, merge_filters=merge_filters, modules_to_save=heads)
 
 
 def count(parameters: Any) -> int:

@@ -131,11 +131,14 @@ def measure_upernet_swin_l(bottleneck: int = 64) -> dict[str, Any]:
         base = UperNetForSemanticSegmentation(UperNetConfig(backbone_config=backbone_config, num_labels=150))
         backbone = count(base.backbone.parameters())
         heads = {name: count(module.parameters()) for name, module in base.named_children() if name != "backbone"}
-        model = get_peft_model(base, mona_config(bottleneck_dim=bottleneck))
+        model = get_peft_model(base, mona_config(bottleneck_dim=bottleneck, default_heads=True))
     outside = [n for n, _ in model.named_parameters() if ".mona_" in n and ".backbone." not in n]
     if outside:
         raise AssertionError(f"Mona parameters outside the backbone: {outside[:3]}")
     params = adapter_params(model, ".mona_")
+    trainable = count(p for p in model.parameters() if p.requires_grad)
+    if trainable != params + sum(heads.values()):  # MonaConfig's default trains exactly the heads besides Mona
+        raise AssertionError(f"{trainable:,} trainable, expected Mona + heads = {params + sum(heads.values()):,}")
     return {
         "name": "UperNet-Swin-L",
         "bottleneck": bottleneck,

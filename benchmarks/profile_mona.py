@@ -1,10 +1,11 @@
 """Where Mona's time goes: torch.profiler on one Mona module at ViT-B/16 shapes and on a full ViT-B/16 train step.
 
-1. **One module** (``mona_delta`` at [32, 197, 768], 14x14 grid, bottleneck 64): a copy of ``MonaLayer.mona_delta``
-   with a ``record_function`` per stage (checked to give bit-identical results) splits the forward by stage; every
+1. **One module** (``mona_delta`` at [32, 197, 768], 14x14 grid, bottleneck 64): a copy of the plain-op version
+   (:mod:`benchmarks.unfused`, the code this profile was made for, before the fused norm + down projection) with a
+   ``record_function`` per stage (checked to give bit-identical results) splits the forward by stage; every
    backward node is charged to the stage whose forward op created it (autograd sequence numbers). Each iteration is
    profiled on its own; tables show the median over iterations.
-2. **Module, original vs the proposed patch** (:mod:`benchmarks.mona_patch`), interleaved rounds with an A/A pair.
+2. **Module, unfused (before) vs fused (``src``)**, interleaved rounds with an A/A pair.
 3. **A full train step** (ViT-B/16, batch 8, Mona, AdamW): forward / backward / optimizer, and Mona's share of each
    (its compute inside ``mona_delta``, and the glue: hooks, context variables and the residual adds).
 4. **Hook and context-variable overhead** per block call, with Mona's compute stubbed out, on a tiny model.
@@ -30,7 +31,7 @@ from peft import get_peft_model
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import mona_peft
-from benchmarks import mona_patch
+from benchmarks import unfused
 from benchmarks.common import HEAD, MODELS, build_classifier, load_average, machine_info, mona_config, write_results
 from benchmarks.speed import describe, median_ms, paired_ratios
 from mona_peft.families import layout_for
@@ -57,7 +58,8 @@ STAGES = (
 def staged_mona_delta(
     layer: MonaLayer, adapter_name: str, position: str, x: torch.Tensor, grid: tuple[int, int]
 ) -> torch.Tensor:
-    """``MonaLayer.mona_delta`` (float32 path), one ``record_function`` per stage; the same ops in the same order."""
+    """:func:`benchmarks.unfused.unfused_mona_delta` (float32 path), one ``record_function`` per stage; the same ops
+    in the same order."""
     settings = layer.mona_settings[adapter_name]
     p = layer._parts(adapter_name, position)
     batch, tokens, _ = x.shape
@@ -198,9 +200,9 @@ def module_breakdown(shape: dict[str, int], iterations: int, seed: int) -> dict[
     with torch.no_grad():
         if not torch.equal(
             staged_mona_delta(layer, "default", "attention", x, grid),
-            layer.mona_delta("default", "attention", x, grid),
+            unfused.unfused_mona_delta(layer, "default", "attention", x, grid),
         ):
-            raise AssertionError("staged_mona_delta differs from MonaLayer.mona_delta; update the copy")
+            raise AssertionError("staged_mona_delta differs from unfused_mona_delta; update the copy")
 
     result: dict[str, Any] = {}
     for mode in ("train", "inference"):
@@ -238,20 +240,20 @@ def module_breakdown(shape: dict[str, int], iterations: int, seed: int) -> dict[
     return result
 
 
-# ----------------------------------------------------------------------------------- original vs proposed patch
+# ------------------------------------------------------------------------------------------- unfused vs fused
 
 
 def module_comparison(shape: dict[str, int], rounds: int, inner: int, seed: int) -> dict[str, Any]:
-    """Interleaved timing of ``mona_delta``: original, its A/A twin, and the patched prototype."""
+    """Interleaved timing of ``mona_delta``: the unfused version, its A/A twin, and ``src``'s fused one."""
     layer = make_module(shape["hidden"], shape["bottleneck"], seed=seed)
     grid = (shape["grid"], shape["grid"])
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(shape["batch"], shape["prefix"] + grid[0] * grid[1], shape["hidden"], generator=generator)
     grad = torch.randn(x.shape, generator=generator)
     variants: dict[str, Callable[..., torch.Tensor]] = {
-        "original": mona_patch.original_mona_delta,
-        "original_twin": mona_patch.original_mona_delta,
-        "patched": mona_patch.patched_mona_delta,
+        "unfused": unfused.unfused_mona_delta,
+        "unfused_twin": unfused.unfused_mona_delta,
+        "fused": unfused.fused_mona_delta,
     }
     rng = random.Random(seed)
     result: dict[str, Any] = {"shape": shape, "rounds": rounds, "calls_per_measurement": inner}
@@ -280,13 +282,13 @@ def module_comparison(shape: dict[str, int], rounds: int, inner: int, seed: int)
         result[mode] = {
             "ms": {name: describe([rec["ms"] for rec in records if rec["method"] == name]) for name in variants},
             "ratios": {
-                "patched/original": paired_ratios(records, "patched", "original", "ms"),
-                "original_twin/original": paired_ratios(records, "original_twin", "original", "ms"),
+                "fused/unfused": paired_ratios(records, "fused", "unfused", "ms"),
+                "unfused_twin/unfused": paired_ratios(records, "unfused_twin", "unfused", "ms"),
             },
         }
     result["saved_for_backward_mib"] = {
         name: saved_tensor_mib(lambda fn=fn: fn(layer, "default", "attention", x.detach().requires_grad_(True), grid))
-        for name, fn in (("original", mona_patch.original_mona_delta), ("patched", mona_patch.patched_mona_delta))
+        for name, fn in (("unfused", unfused.unfused_mona_delta), ("fused", unfused.fused_mona_delta))
     }
     return result
 
@@ -579,8 +581,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload: dict[str, Any] = {"benchmark": "profile", "quick": args.quick, "machine": machine_info()}
     print("module breakdown ...", flush=True)
     payload["module"] = {"shape": shape, "iterations": iters, **module_breakdown(shape, iters, args.seed)}
-    print("original vs patched ...", flush=True)
-    payload["patch_module"] = {
+    print("unfused vs fused ...", flush=True)
+    payload["fused_module"] = {
         "vit-b": module_comparison(shape, rounds, inner, args.seed),
         "swin-t stage 1": module_comparison(swin_shape, rounds, inner, args.seed),
     }

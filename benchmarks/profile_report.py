@@ -43,8 +43,7 @@ def _provenance(payload: dict[str, Any]) -> str:
 def _patch_rows(patch: dict[str, Any] | None) -> list[str]:
     if not patch:
         return [
-            "(Run `python -m benchmarks.speed --threads 1 --models vit-b --methods "
-            "frozen,full,lora,mona,mona_patched,mona_twin --skip-filter --name speed_patch` for the whole-model "
+            "(Run `python -m benchmarks.speed` with `mona_unfused` among the methods for the whole-model "
             "before/after.)"
         ]
     lines = []
@@ -52,13 +51,13 @@ def _patch_rows(patch: dict[str, Any] | None) -> list[str]:
         tr, ir, mem = c["train_time_ratios"], c["inference_time_ratios"], c["train_peak_ratios"]
         inc = c["train_step_memory_ratios"] if c.get("heap", "trimmed") == "trimmed" else {}
         lines.append(
-            f"- **{c['model_name']}, batch {c['batch']}** ({c['rounds']} rounds): train step patched / current "
-            f"{_ratio_text(tr.get('mona_patched/mona'))}, patched / LoRA {_ratio_text(tr.get('mona_patched/lora'))} "
-            f"(current / LoRA {_ratio_text(tr.get('mona/lora'))}); inference patched / frozen "
-            f"{_ratio_text(ir.get('mona_patched/frozen'))} (current {_ratio_text(ir.get('mona/frozen'))}); "
-            f"peak RSS patched / LoRA {_ratio_text(mem.get('mona_patched/lora'))} (current "
-            f"{_ratio_text(mem.get('mona/lora'))}); step increment patched / LoRA "
-            f"{_ratio_text(inc.get('mona_patched/lora'))} (current {_ratio_text(inc.get('mona/lora'))}). "
+            f"- **{c['model_name']}, batch {c['batch']}** ({c['rounds']} rounds): train step fused / unfused "
+            f"{_ratio_text(tr.get('mona/mona_unfused'))}, fused / LoRA {_ratio_text(tr.get('mona/lora'))} "
+            f"(unfused / LoRA {_ratio_text(tr.get('mona_unfused/lora'))}); inference fused / frozen "
+            f"{_ratio_text(ir.get('mona/frozen'))} (unfused {_ratio_text(ir.get('mona_unfused/frozen'))}); "
+            f"peak RSS fused / LoRA {_ratio_text(mem.get('mona/lora'))} (unfused "
+            f"{_ratio_text(mem.get('mona_unfused/lora'))}); step increment fused / LoRA "
+            f"{_ratio_text(inc.get('mona/lora'))} (unfused {_ratio_text(inc.get('mona_unfused/lora'))}). "
             f"A/A: train {_ratio_text(tr.get('mona_twin/mona'))}, inference {_ratio_text(ir.get('mona_twin/mona'))}."
         )
     lines += ["", _provenance(patch)]
@@ -86,8 +85,8 @@ def render(
     glue_us = hooks["glue_us_per_block_call"]["median"]
     ops = profile.get("op_costs", {}).get("ms", {})
     flops = profile.get("flops", {})
-    saved = profile["patch_module"]["vit-b"]["saved_for_backward_mib"]
-    patch_vit = profile["patch_module"]["vit-b"]
+    saved = profile["fused_module"]["vit-b"]["saved_for_backward_mib"]
+    fused_vit = profile["fused_module"]["vit-b"]
     fv = profile["filter_variants"]["ratios"]
     copies = module["train"].get("copy_parents", {})
     copy_conv = sum(v["forward_ms"] + v["backward_ms"] for k, v in copies.items() if "conv" in k)
@@ -98,7 +97,7 @@ def render(
     s = profile["train_step"]
 
     def vit_ratios(mode: str, variant: str) -> dict[str, Any] | None:
-        return patch_vit[mode]["ratios"].get(f"{variant}/original")
+        return fused_vit[mode]["ratios"].get(f"{variant}/unfused")
 
     def op(name: str) -> str:
         stat = ops.get(name)
@@ -111,8 +110,9 @@ def render(
         "{generated}",
         "",
         "`torch.profiler` on one Mona module at ViT-B/16 shapes and on a full ViT-B/16 train step, then the "
-        "optimisations this suggests, prototyped in `benchmarks/mona_patch.py` (monkeypatched in; `src/` is not "
-        "changed) and measured against the current code. Rerun with `python -m benchmarks.profile_mona` and "
+        "optimisation this led to, now in `src/` (`src/mona_peft/fused.py`), measured against the earlier "
+        "plain-op code, which `benchmarks/unfused.py` keeps for that purpose. The stage-by-stage profile below is of "
+        "that earlier code: it is what motivated the change. Rerun with `python -m benchmarks.profile_mona` and "
         "`python -m benchmarks.report`.",
         "",
         _provenance(profile),
@@ -166,10 +166,10 @@ def render(
             if swin_bound
             else ""
         ),
-        f"6. **Memory**: autograd keeps {saved['original']:.1f} MiB per Mona module at these shapes: three "
-        "[B, N, C] tensors (x, LN(x) for s1's gradient, the down projection's input) plus the m-wide ones. LoRA "
-        "keeps almost nothing of its own, which is why Mona's peak training memory is well above LoRA's (see "
-        "docs/benchmarks.md).",
+        f"6. **Memory**: in the plain-op version autograd keeps {saved['unfused']:.1f} MiB per Mona module at "
+        "these shapes: three [B, N, C] tensors (x, LN(x) for s1's gradient, the down projection's input) plus the "
+        "m-wide ones. LoRA keeps almost nothing of its own, which is why that version's peak training memory was "
+        "well above LoRA's (see docs/benchmarks.md).",
         "",
         "## One Mona module, stage by stage",
         "",
@@ -202,30 +202,30 @@ def render(
         "",
         "## Optimisations",
         "",
-        "Proposed (the prototype `benchmarks/mona_patch.py`; exact up to float rounding, checked against the "
-        "current `mona_delta` in float64 for outputs, input and all 16 parameter gradients, plus gradcheck of the "
-        "new autograd function, in `tests/test_benchmarks.py`; as a patch of `src/` it passes the project's test "
-        "suite, torch.compile and gradient-checkpointing tests included):",
+        "Applied in `src/` (`src/mona_peft/fused.py` and `MonaLayer.mona_delta`); exact up to float rounding, "
+        "checked against the plain-op version in float64 for outputs, input and all 16 parameter gradients, plus "
+        "gradcheck of the new autograd function and a bfloat16-autocast train step, in `tests/test_fused.py`; the "
+        "project's torch.compile and gradient-checkpointing tests run on it:",
         "",
         "1. **Scaled norm + down projection as one autograd function** (`ScaledNormDown`). Forward: LayerNorm with "
         "s1 folded into its affine (two size-C multiplies instead of a [B, N, C] one), an in-place `addcmul` for "
         "`+ x·s2`, the matmul. Backward keeps only x (alive anyway as the residual stream) and the per-token "
         "mean and 1/std; the weight gradients come from one [2m, BN] × [BN, C] matmul against x and C × m work, "
         "the input gradient from LayerNorm's own backward kernel plus one `addcmul`. Saves two [B, N, C] "
-        f"activations per Mona ({saved['original']:.1f} → {saved['patched']:.1f} MiB at these shapes) and replaces "
+        f"activations per Mona ({saved['unfused']:.1f} → {saved['fused']:.1f} MiB at these shapes) and replaces "
         "four full-size multiplies, two full-size reductions and an add in backward by one `addcmul`.",
         "2. **One `split` instead of two slices** for prefix and patch tokens: its backward is one `cat` instead of "
         "two zero-filled `slice_backward` buffers and their sum.",
         "3. **Projector skip folded into the 1×1 weight**: `z + Wz + b = (W + I)z + b`, one op less each way.",
         "",
-        "Measured, one module, original vs patched (interleaved rounds, median of per-call times; A/A = the "
-        "original against itself):",
+        "Measured, one module, unfused vs fused (interleaved rounds, median of per-call times; A/A = the "
+        "unfused version against itself):",
         "",
         tables["patch"],
         "",
         tables["saved"],
         "",
-        "Whole model (`speed.py` with the prototype as method `mona_patched`):",
+        "Whole model (`speed.py`, Mona next to the earlier version as method `mona_unfused`):",
         "",
         *_patch_rows(patch),
         "",
@@ -248,18 +248,16 @@ def render(
         f"{train[STAGE_MERGE]['forward_ms']:.2f} ms of a module's forward. A cache keyed on the parameters' version "
         "counters goes stale when weights are updated through `.data` (its own version counter): with it, the "
         "project's `test_resumed_run_matches_uninterrupted_run` evaluated bit-identical weights to a different "
-        "loss. Not worth the risk. (The module and whole-model timings of the prototype below were measured with "
-        "that cache on; it only touches inference, by at most the merge time above.)",
+        "loss. Not worth the risk.",
+        "- *second-order gradients*: the fused function's backward is not itself differentiable "
+        "(`once_differentiable`), so double backward through Mona (e.g. gradient penalties) raises an error; no "
+        "Mona recipe uses it.",
         "",
-        "The proposed change to `src/` is `benchmarks/proposed_mona_delta.diff` (a new `src/mona_peft/fused.py` "
-        "with `ScaledNormDown`, and `MonaLayer.mona_delta` / `_merged_filter` in `layer.py`); apply it with "
-        "`git apply benchmarks/proposed_mona_delta.diff`.",
-        "",
-        "Module timings of the patch at the ViT-B/16 shape above: "
-        f"train {_ratio_text(vit_ratios('train', 'patched'))}, "
-        f"inference {_ratio_text(vit_ratios('inference', 'patched'))} of the original (A/A "
-        f"{_ratio_text(vit_ratios('train', 'original_twin'))} and "
-        f"{_ratio_text(vit_ratios('inference', 'original_twin'))}).",
+        "Module timings of the fused version at the ViT-B/16 shape above: "
+        f"train {_ratio_text(vit_ratios('train', 'fused'))}, "
+        f"inference {_ratio_text(vit_ratios('inference', 'fused'))} of the unfused one (A/A "
+        f"{_ratio_text(vit_ratios('train', 'unfused_twin'))} and "
+        f"{_ratio_text(vit_ratios('inference', 'unfused_twin'))}).",
     ]
     if speed is not None:
         lines += ["", "Speed and memory of the current code next to LoRA and full fine-tuning: docs/benchmarks.md."]

@@ -65,11 +65,11 @@ METHOD_LABELS = {
     "mona": "Mona (merged filter)",
     "mona_ref": "Mona (three-conv reference)",
     "mona_twin": "Mona, second copy (A/A)",
-    "mona_patched": "Mona + proposed patch (prototype)",
+    "mona_unfused": "Mona, unfused norm + down (before)",
 }
-TRAIN_METHODS = ("full", "lora", "mona", "mona_ref", "mona_twin", "mona_patched")
-INFERENCE_METHODS = ("frozen", "lora", "mona", "mona_ref", "mona_twin", "mona_patched")
-DEFAULT_METHODS = ("frozen", "full", "lora", "mona", "mona_ref", "mona_twin")
+TRAIN_METHODS = ("full", "lora", "mona", "mona_ref", "mona_twin", "mona_unfused")
+INFERENCE_METHODS = ("frozen", "lora", "mona", "mona_ref", "mona_twin", "mona_unfused")
+DEFAULT_METHODS = ("frozen", "full", "lora", "mona", "mona_ref", "mona_twin", "mona_unfused")
 NUM_LABELS = 1000
 STAT_KEYS = ("seconds", "cpu_seconds", "peak_mib", "step_mib", "cpu_util")
 
@@ -81,17 +81,17 @@ TIME_PAIRS = {
         ("lora", "full"),
         ("mona", "mona_ref"),
         ("mona_twin", "mona"),
-        ("mona_patched", "mona"),
-        ("mona_patched", "lora"),
-        ("mona_patched", "full"),
+        ("mona", "mona_unfused"),
+        ("mona_unfused", "lora"),
+        ("mona_unfused", "full"),
     ],
     "inference": [
         ("mona", "frozen"),
         ("lora", "frozen"),
         ("mona", "mona_ref"),
         ("mona_twin", "mona"),
-        ("mona_patched", "mona"),
-        ("mona_patched", "frozen"),
+        ("mona", "mona_unfused"),
+        ("mona_unfused", "frozen"),
     ],
 }
 MEMORY_PAIRS = [
@@ -100,8 +100,8 @@ MEMORY_PAIRS = [
     ("lora", "full"),
     ("mona", "mona_ref"),
     ("mona_twin", "mona"),
-    ("mona_patched", "mona"),
-    ("mona_patched", "lora"),
+    ("mona", "mona_unfused"),
+    ("mona_unfused", "lora"),
 ]
 
 
@@ -168,8 +168,8 @@ class MethodBench:
         elif base_method == "lora":
             model = peft.get_peft_model(model, lora_config(model, modules_to_save=[HEAD]))
         elif base_method.startswith("mona"):
-            if base_method == "mona_patched":
-                from benchmarks.mona_patch import install
+            if base_method == "mona_unfused":
+                from benchmarks.unfused import install
 
                 install()
             config = mona_config(merge_filters=base_method != "mona_ref", modules_to_save=[HEAD])
@@ -587,10 +587,10 @@ def evaluate_targets(summaries: list[dict], filter_result: dict | None, target_m
         tr, ir, mem = s["train_time_ratios"], s["inference_time_ratios"], s["train_peak_ratios"]
         tc, ic = s["train_cpu_ratios"], s["inference_cpu_ratios"]
         aa_train, aa_inf, aa_mem = tr.get("mona_twin/mona"), ir.get("mona_twin/mona"), mem.get("mona_twin/mona")
-        for mona in ("mona", "mona_patched"):
+        for mona in ("mona", "mona_unfused"):
             if s["model"] != target_model or f"{mona}/lora" not in tr:
                 continue
-            label = "Mona" if mona == "mona" else "Mona + patch"
+            label = "Mona" if mona == "mona" else "Mona, unfused (before)"
             targets += [
                 _target(
                     f"{label} train step <= 1.05 x LoRA",

@@ -1,5 +1,5 @@
 """Smoke tests of the benchmark scripts (not timed tests): they run with ``--quick``, write the JSON they promise,
-params reproduces the official Swin-L count, the report renders, and the prototype patch computes what Mona does."""
+params reproduces the official Swin-L count and the report renders."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `pytest` (unlike `python -m pytest`) does not put the repository root on sys.path
@@ -65,7 +64,7 @@ def test_speed_json_has_the_expected_structure(quick_results: Path) -> None:
     _machine_ok(data["machine"])
     settings = data["settings"]
     methods = set(settings["methods"])
-    assert methods == {"frozen", "full", "lora", "mona", "mona_ref", "mona_twin"}
+    assert methods == {"frozen", "full", "lora", "mona", "mona_ref", "mona_twin", "mona_unfused"}
     assert settings["memory_method"]
     assert len(data["configs"]) == len(settings["models"]) * len(settings["batches"])
     for config in data["configs"]:
@@ -106,57 +105,114 @@ def test_report_renders_tables_and_plots(quick_results: Path, tmp_path: Path) ->
         assert (docs / png).stat().st_size > 1000
 
 
-def _tiny_mona_layer(**config: object) -> torch.nn.Module:
-    from transformers import ViTConfig
-    from transformers.models.vit.modeling_vit import ViTLayer
+@pytest.mark.slow  # ~20 s on an idle 2-core machine, over a minute on a loaded one
+def test_profile_runs_and_renders(tmp_path: Path) -> None:
+    from benchmarks import profile_mona, report
 
-    import mona_peft
-    from mona_peft.families import layout_for
-    from mona_peft.layer import MonaLayer
-
-    torch.manual_seed(0)
-    block = ViTLayer(ViTConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64))
-    layer = MonaLayer(
-        block, "default", mona_peft.MonaConfig(bottleneck_dim=8, init_weights=False, **config), layout_for(block)
-    )
-    with torch.no_grad():
-        for name, param in layer.named_parameters():
-            if "mona_" in name:
-                param.copy_(torch.randn_like(param) * 0.3 + (1.0 if "scale" in name else 0.0))
-    return layer.double()
-
-
-@pytest.mark.parametrize("merge_filters", [True, False])
-@pytest.mark.parametrize("prefix_tokens", ["tokenwise", "unchanged"])
-def test_patched_delta_matches_mona(merge_filters: bool, prefix_tokens: str) -> None:
-    from benchmarks.mona_patch import original_mona_delta, patched_mona_delta
-
-    layer = _tiny_mona_layer(merge_filters=merge_filters, prefix_tokens=prefix_tokens).train()
-    x = torch.randn(3, 1 + 5 * 4, 32, dtype=torch.float64)
-    grad = torch.randn_like(x)
-    results = []
-    for delta in (original_mona_delta, patched_mona_delta):
-        xi = x.clone().requires_grad_(True)
-        torch.manual_seed(1)  # same dropout mask
-        out = delta(layer, "default", "attention", xi, (5, 4))
-        out.backward(grad)
-        grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
-        layer.zero_grad(set_to_none=True)
-        results.append((out.detach(), xi.grad, grads))
-    (out_a, gx_a, gp_a), (out_b, gx_b, gp_b) = results
-    torch.testing.assert_close(out_b, out_a)
-    torch.testing.assert_close(gx_b, gx_a)
-    assert gp_a.keys() == gp_b.keys() and len(gp_a) == 16
-    for name in gp_a:
-        torch.testing.assert_close(gp_b[name], gp_a[name], msg=name)
+    results = tmp_path / "results"
+    profile_mona.main(["--quick", "--threads", "1", "--name", "profile", "--results-dir", str(results)])
+    data = json.loads((results / "profile.json").read_text())
+    _machine_ok(data["machine"])
+    for comparison in data["fused_module"].values():
+        saved = comparison["saved_for_backward_mib"]
+        assert 0 < saved["fused"] < saved["unfused"]  # the point of the fusion: fewer activations kept
+        for mode in ("train", "inference"):
+            assert set(comparison[mode]["ms"]) == {"unfused", "unfused_twin", "fused"}
+            assert comparison[mode]["ratios"]["fused/unfused"]["median"] > 0
+    path = report.render_profile(results, tmp_path / "docs")
+    text = path.read_text()
+    assert "fused / unfused" in text and "benchmarks/unfused.py" in text
+    assert (tmp_path / "docs" / "profile_module.png").stat().st_size > 1000
 
 
-def test_scaled_norm_down_gradcheck() -> None:
-    from benchmarks.mona_patch import ScaledNormDown
+# ------------------------------------------------------------------------------------------------------ accuracy
 
-    torch.manual_seed(0)
-    shapes = [(2, 5, 6), (6,), (6,), (6,), (6,), (3, 6), (3,)]
-    inputs = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes]
-    assert torch.autograd.gradcheck(lambda *a: ScaledNormDown.apply(*a, 1e-5), inputs)
-    frozen_x = inputs[0].detach()
-    assert torch.autograd.gradcheck(lambda *a: ScaledNormDown.apply(frozen_x, *a, 1e-5), inputs[1:])
+
+@pytest.fixture(scope="module")
+def quick_accuracy(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """accuracy.py --quick in-process, on a tiny random DINOv2 checkpoint and a tiny three-colour image folder."""
+    from benchmarks import accuracy
+    from tests.training_helpers import make_image_folder, make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("accuracy")
+    model = make_tiny_checkpoint(root / "model", "dinov2")
+    folder = make_image_folder(root / "images", per_class=12)
+    argv = ["--quick", "--model", str(model), "--datasets", f"folder:{folder}", "--results-dir", str(root / "out")]
+    path = accuracy.main(argv)
+    first = json.loads(path.read_text())
+    accuracy.main([*argv, "--resume"])  # nothing left to run: the same runs come back
+    return {"data": first, "resumed": json.loads(path.read_text()), "path": path}
+
+
+def test_accuracy_json_has_the_protocol_and_plausible_runs(quick_accuracy: dict) -> None:
+    import math
+
+    from benchmarks.accuracy import METHODS, PROTOCOLS
+
+    data = quick_accuracy["data"]
+    _machine_ok(data["machine"])
+    protocol = PROTOCOLS["quick"]
+    assert data["finished"] and data["protocol"]["name"] == "quick" and set(data["methods"]) == set(METHODS)
+    (dataset,) = data["datasets"]
+    assert data["datasets"][dataset]["classes"] == 3
+    runs = data["runs"]
+    sweeps = sum(len(g) for g in protocol.lr_grids.values())
+    extra_seeds = len(METHODS) * (len(protocol.seeds) - 1)
+    ablation = (len(protocol.ablation_bottlenecks) - 1) * len(protocol.seeds)
+    assert len(runs) == sweeps + extra_seeds + ablation
+    keys = {(r["method"], r["learning_rate"], r["seed"], r["bottleneck"]) for r in runs}
+    assert len(keys) == len(runs)  # no run twice
+    for r in runs:
+        assert 0 <= r["validation_accuracy"] <= 1 and 0 <= r["test_accuracy"] <= 1
+        assert r["steps"] == protocol.max_steps == len(r["train_loss"])
+        assert all(math.isfinite(x) and x > 0 for x in r["train_loss"])
+        assert math.isfinite(r["validation_loss"]) and math.isfinite(r["test_loss"])
+        # the linear probe trains its head at the swept rate, every other method at the recipe's head rate
+        assert (r["head_learning_rate"] == r["learning_rate"]) == (r["method"] == "linear")
+    params = {m: s["trainable_params"] for m, s in data["summary"][dataset]["methods"].items()}
+    assert params["linear"] < params["lora"] < params["full"] and params["linear"] < params["mona"]
+    assert params["mona"] == params["mona_official"]
+    assert quick_accuracy["resumed"]["runs"] == runs
+
+
+def test_accuracy_sweep_picks_the_best_validation_rate(quick_accuracy: dict) -> None:
+    from benchmarks.accuracy import PROTOCOLS
+
+    data = quick_accuracy["data"]
+    protocol = PROTOCOLS["quick"]
+    (dataset,) = data["datasets"]
+    summary = data["summary"][dataset]
+    for method, s in summary["methods"].items():
+        sweep = [r for r in data["runs"] if r["method"] == method and r["phase"] == "sweep"]
+        assert sorted(r["learning_rate"] for r in sweep) == sorted(protocol.lr_grids[method])
+        best = max(r["validation_accuracy"] for r in sweep)
+        (chosen,) = [r for r in sweep if r["learning_rate"] == s["learning_rate"]]
+        assert chosen["validation_accuracy"] == best
+        final = [r for r in data["runs"] if r["method"] == method and r["learning_rate"] == s["learning_rate"]]
+        final = [r for r in final if r["bottleneck"] == protocol.bottleneck]
+        assert sorted(r["seed"] for r in final) == list(protocol.seeds) == s["seeds"]
+        stats = s["test_accuracy"]
+        assert stats["n"] == len(protocol.seeds) and sorted(stats["values"]) == sorted(r["test_accuracy"] for r in final)
+        assert stats["min"] <= stats["mean"] <= stats["max"] and stats["std"] >= 0
+        assert len(s["loss_curve"]) == protocol.max_steps
+    ablation = summary["ablation"]
+    assert [int(m) for m in ablation] == sorted(protocol.ablation_bottlenecks)
+    sizes = [ablation[str(m)]["trainable_params"] for m in sorted(protocol.ablation_bottlenecks)]
+    assert sizes == sorted(set(sizes))  # a wider bottleneck trains more parameters
+    assert ablation[str(protocol.bottleneck)]["test_accuracy"] == summary["methods"]["mona"]["test_accuracy"]
+
+
+def test_accuracy_report_renders_section_and_loss_plot(quick_accuracy: dict, tmp_path: Path) -> None:
+    from benchmarks import report
+
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copy(quick_accuracy["path"], results / "accuracy.json")
+    docs = tmp_path / "docs"
+    text = report.render_benchmarks(results, docs).read_text()
+    assert "## 3. Accuracy" in text and "python -m benchmarks.accuracy" in text and "not here yet" not in text
+    for label in ("Linear probe", "Full fine-tuning", "LoRA r16 (q, v)", "Mona (official init)"):
+        assert f"| {label} |" in text
+    assert "bottleneck ablation" in text and "Learning-rate sweep" in text
+    (png,) = docs.glob("accuracy_loss_*.png")
+    assert png.stat().st_size > 1000 and f"]({png.name})" in text

@@ -13,6 +13,7 @@ from torch import nn
 from .config import MonaConfig
 from .families import BlockLayout
 from .filters import merged_filter, reference_filter
+from .fused import scaled_norm_down
 from .grid import BlockCall, PatchGridTracker, block_call, current_call, keep_call_in_checkpoint, release_checkpoint
 
 # Short names used in parameter names: "attention" -> mona_attn_*, "mlp" -> mona_mlp_*.
@@ -205,23 +206,34 @@ class MonaLayer(nn.Module, BaseTunerLayer):
                 "the block was called with a grid that does not belong to its input."
             )
 
-        norm = p["norm"]
-        h = F.layer_norm(x, norm.normalized_shape, w(norm.weight), w(norm.bias), norm.eps)
-        h = h * w(p["scale_norm"]) + x * w(p["scale_skip"])
-        h = F.linear(h, w(p["down"].weight), w(p["down"].bias))  # [B, N, m]
+        # down(LN(x) * s1 + x * s2), keeping no [B, N, C] activation but x itself for backward (see fused.py).
+        norm, down = p["norm"], p["down"]
+        h = scaled_norm_down(
+            x,
+            w(norm.weight),
+            w(norm.bias),
+            w(p["scale_norm"]),
+            w(p["scale_skip"]),
+            w(down.weight),
+            w(down.bias),
+            norm.eps,
+        )  # [B, N, m]
 
-        # Spatial filter over the patch tokens only: [B, h*w, m] -> [B, m, h, w] (row-major token order) and back.
-        patches = h[:, num_prefix:]
+        # Spatial filter over the patch tokens only: [B, h*w, m] -> [B, m, h, w] (row-major token order) and back;
+        # both ways are views (the conv gets a channels-last layout). One split: its backward is a single cat.
+        prefix, patches = h.split([num_prefix, height * width], dim=1)
         image = patches.transpose(1, 2).reshape(batch, -1, height, width)
         convs = [p[conv_part(k)] for k in settings.kernel_sizes]
         weights, biases = [w(c.weight) for c in convs], [w(c.bias) for c in convs]
         image = (merged_filter if settings.merge_filters else reference_filter)(image, weights, biases)
         patches = image.flatten(2).transpose(1, 2)
-        h = torch.cat([h[:, :num_prefix], patches], dim=1) if num_prefix else patches
+        h = torch.cat([prefix, patches], dim=1) if num_prefix else patches
 
-        # Projector: a dense 1x1 conv with its own skip; on tokens it is a Linear with the conv's weights.
+        # Projector: a dense 1x1 conv with its own skip, z + (W z + b) = (W + I) z + b: one Linear on the tokens.
         proj = p["proj"]
-        h = h + F.linear(h, w(proj.weight).flatten(1), w(proj.bias))
+        weight = w(proj.weight).flatten(1)
+        weight = weight + torch.eye(weight.shape[0], dtype=dtype, device=weight.device)
+        h = F.linear(h, weight, w(proj.bias))
         h = F.dropout(F.gelu(h), settings.dropout, self.training)
         delta = F.linear(h, w(p["up"].weight), w(p["up"].bias))
         if num_prefix and settings.prefix_tokens == "unchanged":
