@@ -3,7 +3,7 @@
     python scripts/train.py                          # Mona on the offline DINOv2-small + the embedded textile images
     python scripts/train.py --output_dir D --max_steps 4 --per_device_train_batch_size 4
     python scripts/train.py --method lora --model_name_or_path google/vit-base-patch16-224-in21k --dataset_name beans
-    accelerate launch --num_processes 2 --cpu scripts/train.py --output_dir D   # two processes (DDP over gloo)
+    accelerate launch --multi_gpu --num_processes 2 scripts/train.py --output_dir D   # 2 processes (gloo on CPUs)
 
 Every transformers TrainingArguments flag works; see `--help` and docs/training.md. The logic lives in
 mona_peft.training (run.py, data.py, recipe.py).
