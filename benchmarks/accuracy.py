@@ -538,6 +538,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    threads = torch.get_num_threads()
     if args.threads is not None or not torch.cuda.is_available():
         torch.set_num_threads(args.threads or 1)
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -546,7 +547,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     transformers.logging.set_verbosity_error()
     name = "accuracy_quick" if args.quick else ("accuracy_full" if protocol.name == "full" else "accuracy")
     suite = Suite(protocol, datasets, methods, args.model, name, args.results_dir, args.resume)
-    path = suite.execute()
+    try:
+        path = suite.execute()
+    finally:
+        torch.set_num_threads(threads)  # main() also runs in-process (tests): leave the thread count as found
     minutes = (time.perf_counter() - suite.started) / 60
     print(f"wrote {path} ({len(suite.runs)} runs, {minutes:.1f} min)", flush=True)
     return path

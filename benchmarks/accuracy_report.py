@@ -41,6 +41,7 @@ def protocol_text(payload: dict[str, Any]) -> str:
         f"{payload['methods'].get(m, m)} {', '.join(_lr(x) for x in g)}" for m, g in p["lr_grids"].items()
     )
     minutes = payload.get("suite_seconds", 0) / 60
+    threads = payload["machine"].get("torch_threads")
     load = payload["machine"].get("load_average_at_start")
     status = "" if payload.get("finished") else " **The run had not finished when this page was rendered.**"
     return "\n".join(
@@ -62,7 +63,8 @@ def protocol_text(payload: dict[str, Any]) -> str:
             "",
             f"Budget: the whole suite took **{minutes:.0f} min** here ({len(payload['runs'])} runs; load average "
             f"{load[0]:.1f} at the start on {payload['machine'].get('logical_cores')} cores — other jobs shared the "
-            "machine, so an idle machine is faster)." + status
+            f"machine, so an idle machine is faster), with {threads} torch thread(s): on this shared machine two "
+            "threads made a training step over 10 times slower than one (threads waiting for each other)." + status
             if load
             else f"Budget: the whole suite took **{minutes:.0f} min** here ({len(payload['runs'])} runs).{status}",
         ]
