@@ -4,10 +4,14 @@ on its output. Slow: it evaluates the real backbone on 200 validation and 300 te
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
+import torch
+from peft import PeftModel
 
+from mona_peft.training import load_trained
 from mona_peft.training.data import default_data_dir
 from training_helpers import PREDICT_SCRIPT, TRAIN_SCRIPT, run_script
 
@@ -29,6 +33,18 @@ def test_smoke_command_on_the_offline_default(tmp_path: Path) -> None:
     readme = (out / "README.md").read_text()
     assert "base_model: facebook/dinov2-small" in readme and "library_name: peft" in readme
     assert json.loads((out / "config.json").read_text())["id2label"] == {"0": "global", "1": "local", "2": "nominal"}
+
+    # the card's own "PEFT and transformers directly" snippet loads the adapter with PeftModel.from_pretrained
+    snippets = re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
+    direct = next(code for code in snippets if "PeftModel.from_pretrained" in code)
+    namespace: dict = {}
+    exec(direct, namespace)
+    model = namespace["model"]
+    assert isinstance(model, PeftModel) and model.peft_config["default"].peft_type == "MONA"
+    pixels = torch.rand(1, 3, 112, 112)
+    with torch.no_grad():
+        expected = load_trained(out).model(pixel_values=pixels).logits
+        torch.testing.assert_close(model(pixel_values=pixels).logits, expected, rtol=0, atol=0)
 
     image = next((default_data_dir() / "local").glob("*.jpg"))
     predicted = run_script([str(PREDICT_SCRIPT), "--model", str(out), "--json", str(image)], timeout=600)
