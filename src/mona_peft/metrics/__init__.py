@@ -7,6 +7,8 @@
     from mona_peft.metrics import ACCURACY_PATH
 
     accuracy = evaluate.load(ACCURACY_PATH)
+
+``MEAN_IOU_PATH`` is the same for semantic segmentation (evaluate's ``mean_iou``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ if TYPE_CHECKING:
 
 ACCURACY_PATH = str(Path(__file__).resolve().parent / "accuracy")
 """Directory of the accuracy metric module, for ``evaluate.load(ACCURACY_PATH)``."""
+MEAN_IOU_PATH = str(Path(__file__).resolve().parent / "mean_iou")
+"""Directory of the mean-IoU (semantic segmentation) metric module, for ``evaluate.load(MEAN_IOU_PATH)``."""
 
 
 def load_accuracy(**kwargs) -> evaluate.EvaluationModule:
@@ -30,4 +34,12 @@ def load_accuracy(**kwargs) -> evaluate.EvaluationModule:
     return evaluate.load(ACCURACY_PATH, **kwargs)
 
 
-__all__ = ["ACCURACY_PATH", "load_accuracy"]
+def load_mean_iou(**kwargs) -> evaluate.EvaluationModule:
+    """``evaluate.load`` the packaged mean-IoU metric (state kept in memory by default, as :func:`load_accuracy`)."""
+    import evaluate
+
+    kwargs.setdefault("keep_in_memory", True)
+    return evaluate.load(MEAN_IOU_PATH, **kwargs)
+
+
+__all__ = ["ACCURACY_PATH", "MEAN_IOU_PATH", "load_accuracy", "load_mean_iou"]

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,17 +206,27 @@ def _training_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
 
 
-def argument_classes() -> tuple[type, ...]:
-    """The dataclasses the script parses (``OutputArguments`` only where TrainingArguments lacks the flag)."""
-    classes: tuple[type, ...] = (ModelArguments, DataArguments, TrainingArguments)
+def argument_classes(task_classes: Sequence[type] | None = None) -> tuple[type, ...]:
+    """The dataclasses the script parses: the task's model and data arguments (default :class:`ModelArguments`,
+    :class:`DataArguments`), ``TrainingArguments``, and ``OutputArguments`` where TrainingArguments lacks the flag."""
+    classes: tuple[type, ...] = (*(task_classes or (ModelArguments, DataArguments)), TrainingArguments)
     if "overwrite_output_dir" not in _training_fields():
         classes += (OutputArguments,)
     return classes
 
 
-def build_parser() -> HfArgumentParser:
-    """An ``HfArgumentParser`` for all argument groups, with the recipe's defaults."""
-    parser = HfArgumentParser(argument_classes())
+def build_parser(
+    classes: Sequence[type] | None = None,
+    description: str | None = None,
+    learning_rates: dict[str, float] | None = None,
+) -> HfArgumentParser:
+    """An ``HfArgumentParser`` for all argument groups, with the recipe's defaults.
+
+    ``classes`` (the model and data argument classes, default :class:`ModelArguments` and :class:`DataArguments`),
+    ``description`` and ``learning_rates`` let another task's script (``scripts/train_segmentation.py``) share the
+    recipe's TrainingArguments defaults.
+    """
+    parser = HfArgumentParser(argument_classes(classes))
     fields = _training_fields()
     defaults = {k: v for k, v in _RECIPE_DEFAULTS.items() if k in fields}
     if "warmup_ratio" in fields:  # transformers 4.x; 5.x takes a ratio through warmup_steps < 1
@@ -224,7 +234,7 @@ def build_parser() -> HfArgumentParser:
     else:
         defaults["warmup_steps"] = DEFAULT_WARMUP
     parser.set_defaults(**defaults)
-    parser.description = (
+    parser.description = description or (
         "Fine-tune an image classifier with Mona (or LoRA, full fine-tuning, a linear probe) using transformers' "
         "Trainer. With no arguments: Mona on the offline DINOv2-small backbone and the embedded textile images."
     )
@@ -232,8 +242,9 @@ def build_parser() -> HfArgumentParser:
         f"Recipe defaults (each overridable): AdamW, weight decay {_RECIPE_DEFAULTS['weight_decay']} except norms, "
         f"biases, scale vectors and position/class tokens; {DEFAULT_WARMUP:.0%} linear warm-up then cosine to 1% of "
         f"the peak; max_grad_norm {_RECIPE_DEFAULTS['max_grad_norm']}; peak learning rate per method "
-        f"{DEFAULT_LEARNING_RATES}, {DEFAULT_HEAD_LEARNING_RATE} for the new head; {DEFAULT_MAX_STEPS} steps unless "
-        "--max_steps or --num_train_epochs is given; output_dir outputs/<method>-<model>-<data>."
+        f"{learning_rates or DEFAULT_LEARNING_RATES}, {DEFAULT_HEAD_LEARNING_RATE} for the new head; "
+        f"{DEFAULT_MAX_STEPS} steps unless --max_steps or --num_train_epochs is given; output_dir "
+        "outputs/<method>-<model>-<data>."
     )
     return parser
 
@@ -246,8 +257,19 @@ def parse_args(
     Recipe defaults that depend on other arguments (learning rate per method, output directory, training budget) are
     filled in here; ``overwrite_output_dir`` is attached to the TrainingArguments if they lack the field.
     """
+    return parse_task_args(argv, build_parser(), argument_classes(), DEFAULT_LEARNING_RATES, default_output_dir)
+
+
+def parse_task_args(
+    argv: Sequence[str] | None,
+    parser: HfArgumentParser,
+    classes: Sequence[type],
+    learning_rates: dict[str, float],
+    output_dir: Callable[[str, str | None, dict[str, Any]], str],
+) -> tuple[Any, Any, TrainingArguments]:
+    """:func:`parse_args` for any task: ``classes`` as from :func:`argument_classes`, the default peak learning rate
+    per method, and ``output_dir(method, model_name_or_path, values)`` for the default output directory."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
     if len(argv) == 1 and argv[0].endswith(".json"):
         values = vars(parser.parse_args([]))
         given = json.loads(Path(argv[0]).read_text())
@@ -257,10 +279,10 @@ def parse_args(
         values.update(given)
     else:
         values = vars(parser.parse_args(argv))
-    _fill_recipe_defaults(values)
+    _fill_recipe_defaults(values, learning_rates, output_dir)
 
     groups = []
-    for cls in argument_classes():
+    for cls in classes:
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         groups.append(cls(**{k: values[k] for k in names if k in values}))
     model_args, data_args, training_args = groups[:3]
@@ -279,10 +301,14 @@ def parse_args(
     return model_args, data_args, training_args
 
 
-def _fill_recipe_defaults(values: dict[str, Any]) -> None:
+def _fill_recipe_defaults(
+    values: dict[str, Any],
+    learning_rates: dict[str, float] = DEFAULT_LEARNING_RATES,
+    output_dir: Callable[[str, str | None, dict[str, Any]], str] | None = None,
+) -> None:
     method = values["method"]
     if values["learning_rate"] is None:
-        values["learning_rate"] = DEFAULT_LEARNING_RATES.get(method, DEFAULT_LEARNING_RATES["mona"])
+        values["learning_rate"] = learning_rates.get(method, learning_rates["mona"])
     if values["head_learning_rate"] is None:
         linear = method == "linear"
         values["head_learning_rate"] = values["learning_rate"] if linear else DEFAULT_HEAD_LEARNING_RATE
@@ -307,7 +333,7 @@ def _fill_recipe_defaults(values: dict[str, Any]) -> None:
         # a CPU (gloo) group, which TrainingArguments set up only with use_cpu.
         values["use_cpu"] = True
     if values["output_dir"] is None:
-        values["output_dir"] = default_output_dir(method, values["model_name_or_path"], values)
+        values["output_dir"] = (output_dir or default_output_dir)(method, values["model_name_or_path"], values)
 
 
 def _launched_processes() -> int:

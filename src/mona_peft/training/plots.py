@@ -9,9 +9,9 @@ from typing import Any
 CURVES_FILE = "training_curves.png"
 
 
-def curves(log_history: Sequence[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
-    """``{"loss": [(step, value)], "eval_loss": [...], "eval_accuracy": [...]}`` from ``trainer.state.log_history``."""
-    series: dict[str, list[tuple[int, float]]] = {"loss": [], "eval_loss": [], "eval_accuracy": []}
+def curves(log_history: Sequence[dict[str, Any]], metric: str = "eval_accuracy") -> dict[str, list[tuple[int, float]]]:
+    """``{"loss": [(step, value)], "eval_loss": [...], metric: [...]}`` from ``trainer.state.log_history``."""
+    series: dict[str, list[tuple[int, float]]] = {"loss": [], "eval_loss": [], metric: []}
     for entry in log_history:
         for key, points in series.items():
             if key in entry and "step" in entry:
@@ -19,14 +19,21 @@ def curves(log_history: Sequence[dict[str, Any]]) -> dict[str, list[tuple[int, f
     return series
 
 
-def plot_training_curves(log_history: Sequence[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
-    """Write a PNG with the training (and validation) loss on the left and the validation accuracy on the right."""
+def plot_training_curves(
+    log_history: Sequence[dict[str, Any]],
+    path: str | Path,
+    title: str | None = None,
+    metric: str = "eval_accuracy",
+    metric_label: str = "validation accuracy",
+) -> Path:
+    """Write a PNG with the training (and validation) loss on the left and a validation metric in [0, 1] (default:
+    accuracy; e.g. ``eval_mean_iou`` for segmentation) on the right."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    series = curves(log_history)
+    series = curves(log_history, metric)
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
     for key, label, style in (("loss", "training loss", "-"), ("eval_loss", "validation loss", "o--")):
         if series[key]:
@@ -36,11 +43,11 @@ def plot_training_curves(log_history: Sequence[dict[str, Any]], path: str | Path
     loss_ax.set_ylabel("cross-entropy")
     loss_ax.legend(loc="best")
     loss_ax.grid(alpha=0.3)
-    if series["eval_accuracy"]:
-        steps, values = zip(*series["eval_accuracy"], strict=True)
+    if series[metric]:
+        steps, values = zip(*series[metric], strict=True)
         acc_ax.plot(steps, values, "o-", color="tab:green")
     acc_ax.set_xlabel("step")
-    acc_ax.set_ylabel("validation accuracy")
+    acc_ax.set_ylabel(metric_label)
     acc_ax.set_ylim(0, 1)
     acc_ax.grid(alpha=0.3)
     if title:

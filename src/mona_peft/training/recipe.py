@@ -114,9 +114,11 @@ def split_head_groups(
     optimizer: torch.optim.Optimizer, model: nn.Module, head_names: Sequence[str], head_learning_rate: float
 ) -> None:
     """Move the head's parameters of every param group of a fresh ``optimizer`` into a group of their own with
-    ``head_learning_rate`` (other settings, e.g. weight decay, are kept)."""
-    heads = set(head_names)
-    head_ids = {id(p) for name, p in model.named_parameters() if heads & set(name.split("."))}
+    ``head_learning_rate`` (other settings, e.g. weight decay, are kept). ``head_names`` are module names or dotted
+    paths (e.g. ``decode_head``, ``model.transformer_module``), matched as whole name parts anywhere in a parameter's
+    name, so they also find PEFT's ``modules_to_save`` copies."""
+    parts = [f".{head}." for head in head_names]
+    head_ids = {id(p) for name, p in model.named_parameters() if any(part in f".{name}." for part in parts)}
     groups = []
     for group in optimizer.param_groups:
         rest = [p for p in group["params"] if id(p) not in head_ids]
