@@ -506,7 +506,15 @@ def test_methods_train_and_reload(method: str, tiny_swin: Path, pair_folder_data
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     reloaded = load_trained_segmenter(out)
     with torch.no_grad():
-        assert torch.equal(reloaded(pixel_values=pixels).logits, model(pixel_values=pixels).logits)
+        expected, got = model(pixel_values=pixels).logits, reloaded(pixel_values=pixels).logits
+    if method == "full":
+        trained, loaded = model.state_dict(), reloaded.state_dict()
+        assert trained.keys() == loaded.keys() and all(torch.equal(trained[k], loaded[k]) for k in trained)
+        # The same weights bit for bit, but from_pretrained leaves them at other memory alignments, and oneDNN's
+        # kernels then round differently (measured: 8e-9 on these logits).
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    else:
+        assert torch.equal(got, expected)
     with pytest.raises(OutputDirError, match="already holds a trained model"):
         segmentation_main(tiny_segmentation_args(tiny_swin, pair_folder_data, out, "--method", method))
 
