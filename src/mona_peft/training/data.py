@@ -421,14 +421,36 @@ def _random_crop_box(
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-class ImageClassificationDataset(torch.utils.data.Dataset):
-    """A split served as ``{"pixel_values": [3, S, S] tensor, "labels": int}`` examples.
+class EpochSeededDataset(torch.utils.data.Dataset):
+    """Base of the training datasets: a ``datasets.Dataset`` split whose training augmentation is seeded per example.
 
-    With ``train=True`` each example is augmented with a random generator seeded by ``(seed, epoch, index)``: the
-    augmentation of an image does not depend on what was loaded before it, so resuming from a checkpoint, the number
-    of processes and the number of data-loader workers leave it unchanged. The trainer advances the epoch through
-    :meth:`set_epoch` (see :class:`~mona_peft.training.recipe.EpochCallback`).
+    With ``train=True`` each example is augmented with a random generator seeded by ``(seed, epoch, index)``
+    (:meth:`rng`): the augmentation of an image does not depend on what was loaded before it, so resuming from a
+    checkpoint, the number of processes and the number of data-loader workers leave it unchanged. The trainer
+    advances the epoch through :meth:`set_epoch` (see :class:`~mona_peft.training.recipe.EpochCallback`).
     """
+
+    def __init__(self, dataset: Dataset, train: bool = False, seed: int = 0) -> None:
+        self.dataset = dataset
+        self.train = train
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the augmentations of ``epoch``."""
+        self.epoch = int(epoch)
+
+    def rng(self, index: int) -> random.Random:
+        """The augmentation generator of example ``index`` in the current epoch."""
+        return random.Random(f"{self.seed}/{self.epoch}/{int(index)}")
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+class ImageClassificationDataset(EpochSeededDataset):
+    """A split served as ``{"pixel_values": [3, S, S] tensor, "labels": int}`` examples, augmented per example when
+    ``train=True`` (see :class:`EpochSeededDataset`)."""
 
     def __init__(
         self,
@@ -439,27 +461,16 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         train: bool = False,
         seed: int = 0,
     ) -> None:
-        self.dataset = dataset
+        super().__init__(dataset, train, seed)
         self.image_column = image_column
         self.label_column = label_column
         self.preprocessing = preprocessing
-        self.train = train
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Use the augmentations of ``epoch``."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.dataset[int(index)]
         image = row[self.image_column]
         if self.train:
-            rng = random.Random(f"{self.seed}/{self.epoch}/{int(index)}")
-            image = self.preprocessing.train_image(image, rng)
+            image = self.preprocessing.train_image(image, self.rng(index))
         else:
             image = self.preprocessing.eval_image(image)
         return {"pixel_values": self.preprocessing.to_tensor(image), "labels": int(row[self.label_column])}

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
-from ..data import SPLITS, DataError, Preprocessing, _random_crop_box, _split_off
+from ..data import SPLITS, DataError, EpochSeededDataset, Preprocessing, _random_crop_box, _split_off
 from .scenes import DEFAULT_NUM_SCENES, SCENE_LABELS, SCENES_DESCRIPTION, scene_dataset
 
 if TYPE_CHECKING:
@@ -382,11 +382,11 @@ def _as_rgb(image: Any) -> PILImage.Image:
     return image.convert("RGB")
 
 
-class SegmentationDataset(torch.utils.data.Dataset):
+class SegmentationDataset(EpochSeededDataset):
     """A split served as ``{"pixel_values": [3, S, S] float, "labels": [S, S] long}`` examples.
 
     Training augmentation draws from a generator seeded by ``(seed, epoch, index)``, as for classification
-    (:class:`~mona_peft.training.data.ImageClassificationDataset`).
+    (:class:`~mona_peft.training.data.EpochSeededDataset`).
     """
 
     def __init__(
@@ -398,28 +398,18 @@ class SegmentationDataset(torch.utils.data.Dataset):
         train: bool = False,
         seed: int = 0,
     ) -> None:
-        self.dataset = dataset
+        super().__init__(dataset, train, seed)
         self.image_column = image_column
         self.mask_column = mask_column
         self.preprocessing = preprocessing
-        self.train = train
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Use the augmentations of ``epoch``."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         row = self.dataset[int(index)]
+        image, mask = row[self.image_column], row[self.mask_column]
         if self.train:
-            rng = random.Random(f"{self.seed}/{self.epoch}/{int(index)}")
-            pixels, labels = self.preprocessing.train_pair(row[self.image_column], row[self.mask_column], rng)
+            pixels, labels = self.preprocessing.train_pair(image, mask, self.rng(index))
         else:
-            pixels, labels = self.preprocessing.eval_pair(row[self.image_column], row[self.mask_column])
+            pixels, labels = self.preprocessing.eval_pair(image, mask)
         return {"pixel_values": pixels, "labels": labels}
 
 
