@@ -80,10 +80,18 @@ class Protocol:
     bottleneck: int
     ablation_bottlenecks: tuple[int, ...]
     lr_grids: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(LR_GRIDS))
+    grid_extensions: int = 1
     note: str = ""
 
     def describe(self) -> dict[str, Any]:
         return asdict(self)
+
+    def run_settings(self) -> dict[str, Any]:
+        """The fields that decide what one run (dataset, method, rate, seed, bottleneck) gives; the others (grids,
+        seeds, ablation widths, extensions) only decide which runs the suite does, so ``--resume`` can keep runs
+        across a change of those."""
+        keys = ("name", "image_size", "max_steps", "batch_size", "max_train_samples", "max_eval_samples")
+        return {k: getattr(self, k) for k in keys}
 
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -336,6 +344,35 @@ def choose_learning_rate(runs: Sequence[dict[str, Any]]) -> float:
     return float(best["learning_rate"])
 
 
+def next_rate(swept: Sequence[float], chosen: float) -> float | None:
+    """The rate one grid step past ``chosen`` when it is the smallest or largest swept rate, else None.
+
+    A best rate at the edge of the grid says the best may lie beyond it, so the sweep takes one more step that way
+    (the same rule for every method, fixed before the results: ``Protocol.grid_extensions`` steps at most). The step
+    is the grid's own geometric factor, rounded to two significant digits.
+    """
+    swept = sorted(swept)
+    if len(swept) < 2 or chosen not in (swept[0], swept[-1]):
+        return None
+    if chosen == swept[-1]:
+        return float(f"{chosen * swept[-1] / swept[-2]:.2g}")
+    return float(f"{chosen * swept[0] / swept[1]:.2g}")
+
+
+def sweep_runs(runs: Sequence[dict[str, Any]], protocol: Protocol, dataset: str, method: str) -> list[dict[str, Any]]:
+    """The sweep runs of ``method`` on ``dataset`` that ``protocol`` asks for: its grid, then each extension
+    (:func:`next_rate`) that has been run. Sweep runs at other rates (from a resumed file) are left out."""
+    mine = [r for r in runs if r["dataset"] == dataset and r["method"] == method and r["phase"] == "sweep"]
+    rates = sorted(protocol.lr_grids[method])
+    for _ in range(protocol.grid_extensions):
+        done = [r for r in mine if r["learning_rate"] in rates]
+        extra = next_rate(rates, choose_learning_rate(done)) if done else None
+        if extra is None or not any(r["learning_rate"] == extra for r in mine):
+            break
+        rates = sorted([*rates, extra])
+    return [r for r in mine if r["learning_rate"] in rates]
+
+
 def spread(values: Sequence[float]) -> dict[str, Any]:
     """n, mean, sample standard deviation (ddof 1; 0 for one value), min and max."""
     values = [float(v) for v in values]
@@ -363,10 +400,10 @@ def summarize(runs: Sequence[dict[str, Any]], protocol: Protocol, dataset: str, 
     mine = [r for r in runs if r["dataset"] == dataset]
     summary: dict[str, Any] = {"methods": {}, "ablation": {}}
     for method in methods:
-        sweep = [r for r in mine if r["method"] == method and r["phase"] == "sweep"]
+        sweep = sweep_runs(runs, protocol, dataset, method)
         if not sweep:
             continue
-        grid = sorted(protocol.lr_grids[method])
+        grid = sorted(r["learning_rate"] for r in sweep)
         chosen = choose_learning_rate(sweep)
         final = [
             r
@@ -379,6 +416,7 @@ def summarize(runs: Sequence[dict[str, Any]], protocol: Protocol, dataset: str, 
         summary["methods"][method] = {
             "label": METHODS[method]["label"],
             "learning_rate": chosen,
+            "swept_learning_rates": grid,
             "lr_at_grid_edge": len(grid) > 1 and chosen in (grid[0], grid[-1]),
             "head_learning_rate": final[0]["head_learning_rate"] if final else None,
             "test_accuracy": spread([r["test_accuracy"] for r in final]),
@@ -433,6 +471,8 @@ class Suite:
         self.started = time.perf_counter()
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.payload: dict[str, Any] = {"machine": machine_info(device), "protocol": protocol.describe()}
+        self.earlier_seconds = 0.0
+        self.sessions = 1
         if resume:
             self.runs = self._previous_runs()
 
@@ -441,10 +481,14 @@ class Suite:
         if not path.exists():
             return []
         previous = json.loads(path.read_text())
-        if previous.get("protocol") != json.loads(json.dumps(self.protocol.describe())):
+        before = {k: previous.get("protocol", {}).get(k) for k in self.protocol.run_settings()}
+        if before != json.loads(json.dumps(self.protocol.run_settings())):
             print(f"{path} was written with another protocol: starting afresh.", flush=True)
             return []
         print(f"Resuming: {len(previous['runs'])} runs already in {path}.", flush=True)
+        # the suite's time and session count carry over, so the page reports the whole suite's cost
+        self.earlier_seconds = float(previous.get("suite_seconds", 0.0))
+        self.sessions = int(previous.get("sessions", 1)) + 1
         return list(previous["runs"])
 
     def run(self, spec: RunSpec, phase: str, data: Any, model_path: str) -> dict[str, Any]:
@@ -463,13 +507,20 @@ class Suite:
         self.write()
         return record
 
+    def swept_rates(self, dataset: str, method: str) -> list[float]:
+        return sorted(r["learning_rate"] for r in sweep_runs(self.runs, self.protocol, dataset, method))
+
+    def _chosen_rate(self, dataset: str, method: str) -> float:
+        return choose_learning_rate(sweep_runs(self.runs, self.protocol, dataset, method))
+
     def write(self, finished: bool = False) -> Path:
         payload = {
             **self.payload,
             "datasets": self.data_info,
             "methods": {k: METHODS[k]["label"] for k in self.methods},
             "finished": finished,
-            "suite_seconds": round(time.perf_counter() - self.started, 1),
+            "suite_seconds": round(self.earlier_seconds + time.perf_counter() - self.started, 1),
+            "sessions": self.sessions,
             "summary": {d: summarize(self.runs, self.protocol, d, self.methods) for d in self.data_info},
             "runs": self.runs,
         }
@@ -489,17 +540,22 @@ class Suite:
             }
             print(data.summary(), flush=True)
             first, *others = protocol.seeds
-            for method in self.methods:  # 1. the sweep, one seed
+            for method in self.methods:  # 1. the sweep, one seed, extended past an edge that wins
                 for lr in protocol.lr_grids[method]:
                     self.run(RunSpec(dataset, method, lr, first, protocol.bottleneck), "sweep", data, model_path)
+                while (swept := self.swept_rates(dataset, method)) and (
+                    len(swept) - len(protocol.lr_grids[method]) < protocol.grid_extensions
+                ):
+                    lr = next_rate(swept, self._chosen_rate(dataset, method))
+                    if lr is None:
+                        break
+                    self.run(RunSpec(dataset, method, lr, first, protocol.bottleneck), "sweep", data, model_path)
             for method in self.methods:  # 2. the other seeds at the chosen learning rate
-                sweep = [r for r in self.runs if r["dataset"] == dataset and r["method"] == method]
-                lr = choose_learning_rate([r for r in sweep if r["phase"] == "sweep"])
+                lr = self._chosen_rate(dataset, method)
                 for seed in others:
                     self.run(RunSpec(dataset, method, lr, seed, protocol.bottleneck), "seed", data, model_path)
             if "mona" in self.methods:  # 3. the bottleneck ablation at Mona's chosen learning rate
-                sweep = [r for r in self.runs if r["dataset"] == dataset and r["method"] == "mona"]
-                lr = choose_learning_rate([r for r in sweep if r["phase"] == "sweep"])
+                lr = self._chosen_rate(dataset, "mona")
                 for m in protocol.ablation_bottlenecks:
                     if m == protocol.bottleneck:
                         continue

@@ -34,6 +34,10 @@ def _methods(summary: dict[str, Any]) -> list[str]:
     return [m for m in METHOD_ORDER if m in present] + [m for m in present if m not in METHOD_ORDER]
 
 
+def _steps(n: int) -> str:
+    return "no step" if n == 0 else ("one step" if n == 1 else f"up to {n} steps")
+
+
 def protocol_text(payload: dict[str, Any]) -> str:
     """What was run, in words: backbone, recipe, budget, sweep, seeds, selection rule."""
     p = payload["protocol"]
@@ -44,6 +48,8 @@ def protocol_text(payload: dict[str, Any]) -> str:
     threads = payload["machine"].get("torch_threads")
     load = payload["machine"].get("load_average_at_start")
     status = "" if payload.get("finished") else " **The run had not finished when this page was rendered.**"
+    resumed = payload.get("sessions", 1)
+    sessions = f", in {resumed} sessions (`--resume`)" if resumed > 1 else ""
     return "\n".join(
         [
             f"Protocol `{p['name']}` ({p['note']}). Backbone: the offline DINOv2-small (weights as shipped in "
@@ -56,14 +62,16 @@ def protocol_text(payload: dict[str, Any]) -> str:
             f"{p['bottleneck']}, two per block; LoRA: r 16, alpha 16, dropout 0.1 on the query and value projections.",
             "",
             f"Learning rates swept (seed {p['seeds'][0]}, chosen by validation accuracy; ties go to the lower "
-            f"validation loss): {grids}. The chosen rate is then run with seeds {', '.join(map(str, p['seeds']))} "
+            f"validation loss): {grids}. When the best rate is the grid's smallest or largest, the sweep takes "
+            f"{_steps(p.get('grid_extensions', 0))} further that way (the grid's own factor, the same rule for every "
+            f"method). The chosen rate is then run with seeds {', '.join(map(str, p['seeds']))} "
             "(the sweep's run is the first seed); test accuracy is reported as mean ± sample std [min–max] over "
             "seeds. A seed sets the head's and adapters' initialisation, the data order and the augmentation; the "
             "splits are fixed (split seed 42). The bottleneck ablation runs Mona (zero-init) at its chosen rate.",
             "",
-            f"Budget: the whole suite took **{minutes:.0f} min** here ({len(payload['runs'])} runs; load average "
-            f"{load[0]:.1f} at the start on {payload['machine'].get('logical_cores')} cores — other jobs shared the "
-            f"machine, so an idle machine is faster), with {threads} torch thread(s): on this shared machine two "
+            f"Budget: the whole suite took **{minutes:.0f} min** here ({len(payload['runs'])} runs{sessions}; load "
+            f"average {load[0]:.1f} at the start on {payload['machine'].get('logical_cores')} cores; other processes "
+            f"running at the same time slow it down), with {threads} torch thread(s): on a loaded 2-core machine two "
             "threads made a training step over 10 times slower than one (threads waiting for each other)." + status
             if load
             else f"Budget: the whole suite took **{minutes:.0f} min** here ({len(payload['runs'])} runs).{status}",
@@ -157,7 +165,6 @@ def sweep_table(payload: dict[str, Any], dataset: str) -> str:
     """Validation (and test) accuracy at every swept learning rate; the chosen one in bold."""
     from benchmarks.report import _table
 
-    p = payload["protocol"]
     summary = payload["summary"][dataset]
     rows = []
     for m in _methods(summary):
@@ -173,7 +180,7 @@ def sweep_table(payload: dict[str, Any], dataset: str) -> str:
             cell = f"{_lr(lr)}: {r['validation_accuracy']:.3f} ({r['test_accuracy']:.3f})"
             cells.append(f"**{cell}**" if lr == chosen else cell)
         rows.append([summary["methods"][m]["label"], *cells])
-    width = max(len(g) for g in p["lr_grids"].values())
+    width = max(len(row) - 1 for row in rows)
     rows = [row + [""] * (width + 1 - len(row)) for row in rows]
     return _table(["method", *(f"LR {i + 1}: val (test)" for i in range(width))], rows)
 

@@ -462,7 +462,8 @@ def reading_section(speed: dict[str, Any], profile: dict[str, Any] | None) -> st
         "",
         "",
         f"- **The machine was shared.** Its 1-minute load average ranged {min(loads):.1f}–{max(loads):.1f} during "
-        f"the run on {cores} cores (other jobs). With more than one torch thread per process, every parallel op "
+        f"the run on {cores} cores; the benchmark runs one worker at a time on {threads} thread(s), so the rest of "
+        "the load was other processes. With more than one torch thread per process, every parallel op "
         "then waits for a descheduled thread at its OpenMP barrier: while developing this benchmark, a broadcast "
         "multiply on a [32, 197, 768] tensor took 3.7 ms with 1 thread and 14 ms with 2 (fastest of 35 calls, load "
         "5.7), and a ViT-B/16 batch-8 LoRA train step 10.4 s with 1 thread against 17–21 s with 2. Hence "
@@ -694,14 +695,15 @@ def render_benchmarks(results: Path, docs: Path) -> Path | None:
         GENERATED,
         "",
         "Parameter counts, training-step time, peak memory and inference latency of Mona next to LoRA, full "
-        "fine-tuning and the frozen backbone. Every number below comes from a script in `benchmarks/` that writes "
+        "fine-tuning and the frozen backbone, and the accuracy of each method fine-tuning a real pretrained "
+        "backbone. Every number below comes from a script in `benchmarks/` that writes "
         "JSON to `benchmarks/results/`; this page is rendered from that JSON. To reproduce (from the repository "
         "root, in the project's virtual environment):",
         "",
         "```bash",
         "python -m benchmarks.params         # trainable parameters and adapter file sizes (~1 min)",
         "python -m benchmarks.speed          # speed and memory (~20 min on 2 cores)",
-        "python -m benchmarks.profile_mona   # where Mona's time goes -> docs/profile.md (~10 min)",
+        "python -m benchmarks.profile_mona   # where Mona's time goes -> docs/profile.md (~2-10 min)",
         "python -m benchmarks.accuracy       # accuracy of every method on real weights (< 1 h on 2 cores)",
         "python -m benchmarks.report         # this page, docs/profile.md and the plots",
         "```",

@@ -158,7 +158,14 @@ def test_accuracy_json_has_the_protocol_and_plausible_runs(quick_accuracy: dict)
     (dataset,) = data["datasets"]
     assert data["datasets"][dataset]["classes"] == 3
     runs = data["runs"]
-    sweeps = sum(len(g) for g in protocol.lr_grids.values())
+    summary = data["summary"][dataset]["methods"]
+    sweeps = sum(len(s["swept_learning_rates"]) for s in summary.values())
+    assert (
+        sum(len(g) for g in protocol.lr_grids.values())
+        <= sweeps
+        <= sum(len(g) + protocol.grid_extensions for g in protocol.lr_grids.values())
+    )
+    assert sum(r["phase"] == "sweep" for r in runs) == sweeps
     extra_seeds = len(METHODS) * (len(protocol.seeds) - 1)
     ablation = (len(protocol.ablation_bottlenecks) - 1) * len(protocol.seeds)
     assert len(runs) == sweeps + extra_seeds + ablation
@@ -178,8 +185,20 @@ def test_accuracy_json_has_the_protocol_and_plausible_runs(quick_accuracy: dict)
     assert quick_accuracy["resumed"]["runs"] == runs
 
 
+def test_accuracy_grid_extension_rule() -> None:
+    from benchmarks.accuracy import next_rate
+
+    assert next_rate([3e-5, 1e-4, 3e-4], 3e-4) == 9e-4
+    assert next_rate([3e-5, 1e-4, 3e-4], 3e-5) == 9e-6
+    assert next_rate([1e-4, 3e-4, 1e-3], 1e-3) == 3.3e-3  # the outermost step's factor, two digits
+    assert next_rate([1e-4, 3e-4, 1e-3], 1e-4) == 3.3e-5
+    assert next_rate([1.5e-3, 5e-3, 1.5e-2], 1.5e-2) == 4.5e-2
+    assert next_rate([1e-4, 3e-4, 1e-3], 3e-4) is None  # inside the grid: nothing to extend
+    assert next_rate([1e-4], 1e-4) is None  # one rate: no factor to step by
+
+
 def test_accuracy_sweep_picks_the_best_validation_rate(quick_accuracy: dict) -> None:
-    from benchmarks.accuracy import PROTOCOLS
+    from benchmarks.accuracy import PROTOCOLS, choose_learning_rate, next_rate
 
     data = quick_accuracy["data"]
     protocol = PROTOCOLS["quick"]
@@ -187,7 +206,13 @@ def test_accuracy_sweep_picks_the_best_validation_rate(quick_accuracy: dict) -> 
     summary = data["summary"][dataset]
     for method, s in summary["methods"].items():
         sweep = [r for r in data["runs"] if r["method"] == method and r["phase"] == "sweep"]
-        assert sorted(r["learning_rate"] for r in sweep) == sorted(protocol.lr_grids[method])
+        rates = sorted(r["learning_rate"] for r in sweep)
+        assert rates == s["swept_learning_rates"]
+        # the grid, plus one step past its edge exactly when the grid's best rate sits on that edge
+        grid = sorted(protocol.lr_grids[method])
+        on_grid = [r for r in sweep if r["learning_rate"] in grid]
+        extra = next_rate(grid, choose_learning_rate(on_grid))
+        assert rates == sorted(grid + ([extra] if extra is not None else []))
         best = max(r["validation_accuracy"] for r in sweep)
         (chosen,) = [r for r in sweep if r["learning_rate"] == s["learning_rate"]]
         assert chosen["validation_accuracy"] == best
