@@ -461,10 +461,17 @@ def reading_section(speed: dict[str, Any], profile: dict[str, Any] | None) -> st
         "### Reading these numbers",
         "",
         "",
-        f"- **The machine was shared.** Its 1-minute load average ranged {min(loads):.1f}–{max(loads):.1f} during "
-        f"the run on {cores} cores; the benchmark runs one worker at a time on {threads} thread(s), so the rest of "
-        "the load was other processes. With more than one torch thread per process, every parallel op "
-        "then waits for a descheduled thread at its OpenMP barrier: while developing this benchmark, a broadcast "
+        (
+            f"- **The machine was shared.** Its 1-minute load average ranged {min(loads):.1f}–{max(loads):.1f} "
+            f"during the run on {cores} cores; the benchmark runs one worker at a time on {threads} thread(s), so "
+            "the rest of the load was other processes."
+            if max(loads) > threads + 0.5
+            else f"- **Load.** The 1-minute load average ranged {min(loads):.1f}–{max(loads):.1f} during the run on "
+            f"{cores} cores: about the benchmark's own worker ({threads} thread(s), one worker at a time), so little "
+            "else ran."
+        )
+        + " With more than one torch thread per process on a loaded machine, every parallel op "
+        "waits for a descheduled thread at its OpenMP barrier: while developing this benchmark, a broadcast "
         "multiply on a [32, 197, 768] tensor took 3.7 ms with 1 thread and 14 ms with 2 (fastest of 35 calls, load "
         "5.7), and a ViT-B/16 batch-8 LoRA train step 10.4 s with 1 thread against 17–21 s with 2. Hence "
         f"`--threads {threads}` here; on an idle machine use the default (all cores)."
