@@ -709,7 +709,7 @@ def render_benchmarks(results: Path, docs: Path) -> Path | None:
         "",
         "```bash",
         "python -m benchmarks.params         # trainable parameters and adapter file sizes (~1 min)",
-        "python -m benchmarks.speed          # speed and memory (~20 min on 2 cores)",
+        "python -m benchmarks.speed          # speed and memory (~25 min on 2 cores)",
         "python -m benchmarks.profile_mona   # where Mona's time goes -> docs/profile.md (~2-10 min)",
         "python -m benchmarks.accuracy       # accuracy of every method on real weights (< 1 h on 2 cores)",
         "python -m benchmarks.report         # this page, docs/profile.md and the plots",

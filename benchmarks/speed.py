@@ -19,7 +19,7 @@ How it measures (so that a noisy, shared machine still gives comparable numbers)
   the process's resident peak in a training loop, with a trimmed heap the step's own peak;
 * each worker first runs one untimed warm-up train step and inference at the first batch size.
 
-    python -m benchmarks.speed                 # ViT-B/16 and Swin-T at 224 px, batch 8 and 32 (~20 min on 2 cores)
+    python -m benchmarks.speed                 # ViT-B/16 and Swin-T at 224 px, batch 8 and 32 (~25 min on 2 cores)
     python -m benchmarks.speed --quick         # tiny models, batch 2, two rounds (smoke test, seconds)
     python -m benchmarks.speed --device cuda   # bf16 autocast + torch.compile variants (untested: no GPU here)
 """
@@ -679,7 +679,7 @@ def main(argv: Iterable[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--models", type=_names, default=None, help="comma-separated, default vit-b,swin-t")
     parser.add_argument("--methods", type=_names, default=list(DEFAULT_METHODS), help="comma-separated methods")
     parser.add_argument("--batches", type=_ints, default=None, help="comma-separated batch sizes, default 8,32")
-    parser.add_argument("--rounds", type=_ints, default=None, help="rounds per batch size, default 4,2")
+    parser.add_argument("--rounds", type=_ints, default=None, help="rounds per batch size, default 8,2")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: bf16 autocast + torch.compile")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads per worker (default: all cores; 1 with --quick)"
@@ -706,7 +706,7 @@ def main(argv: Iterable[str] | None = None) -> dict[str, Any]:
 
     models = args.models or (["tiny-vit", "tiny-swin"] if args.quick else ["vit-b", "swin-t"])
     batches = args.batches or ([2] if args.quick else [8, 32])
-    rounds = args.rounds or ([2] * len(batches) if args.quick else [4, 2][: len(batches)] + [2] * (len(batches) - 2))
+    rounds = args.rounds or ([2] * len(batches) if args.quick else [8, 2][: len(batches)] + [2] * (len(batches) - 2))
     if len(rounds) != len(batches):
         parser.error("--rounds needs one value per batch size")
     methods = list(dict.fromkeys(args.methods))
