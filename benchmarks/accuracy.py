@@ -359,18 +359,28 @@ def next_rate(swept: Sequence[float], chosen: float) -> float | None:
     return float(f"{chosen * swept[0] / swept[1]:.2g}")
 
 
-def sweep_runs(runs: Sequence[dict[str, Any]], protocol: Protocol, dataset: str, method: str) -> list[dict[str, Any]]:
-    """The sweep runs of ``method`` on ``dataset`` that ``protocol`` asks for: its grid, then each extension
-    (:func:`next_rate`) that has been run. Sweep runs at other rates (from a resumed file) are left out."""
+def _sweep_state(
+    runs: Sequence[dict[str, Any]], protocol: Protocol, dataset: str, method: str
+) -> tuple[list[dict[str, Any]], float | None]:
+    """(the sweep runs of ``method`` on ``dataset`` that ``protocol`` asks for and that are done, the next rate it
+    asks for that has not been run, or None): its grid, then up to ``grid_extensions`` steps of :func:`next_rate`."""
     mine = [r for r in runs if r["dataset"] == dataset and r["method"] == method and r["phase"] == "sweep"]
     rates = sorted(protocol.lr_grids[method])
     for _ in range(protocol.grid_extensions):
         done = [r for r in mine if r["learning_rate"] in rates]
         extra = next_rate(rates, choose_learning_rate(done)) if done else None
-        if extra is None or not any(r["learning_rate"] == extra for r in mine):
+        if extra is None:
             break
+        if not any(r["learning_rate"] == extra for r in mine):
+            return done, extra
         rates = sorted([*rates, extra])
-    return [r for r in mine if r["learning_rate"] in rates]
+    return [r for r in mine if r["learning_rate"] in rates], None
+
+
+def sweep_runs(runs: Sequence[dict[str, Any]], protocol: Protocol, dataset: str, method: str) -> list[dict[str, Any]]:
+    """The sweep runs of ``method`` on ``dataset`` that ``protocol`` asks for: its grid, then each extension
+    (:func:`next_rate`) that has been run. Sweep runs at other rates (from a resumed file) are left out."""
+    return _sweep_state(runs, protocol, dataset, method)[0]
 
 
 def spread(values: Sequence[float]) -> dict[str, Any]:
@@ -507,9 +517,6 @@ class Suite:
         self.write()
         return record
 
-    def swept_rates(self, dataset: str, method: str) -> list[float]:
-        return sorted(r["learning_rate"] for r in sweep_runs(self.runs, self.protocol, dataset, method))
-
     def _chosen_rate(self, dataset: str, method: str) -> float:
         return choose_learning_rate(sweep_runs(self.runs, self.protocol, dataset, method))
 
@@ -543,12 +550,7 @@ class Suite:
             for method in self.methods:  # 1. the sweep, one seed, extended past an edge that wins
                 for lr in protocol.lr_grids[method]:
                     self.run(RunSpec(dataset, method, lr, first, protocol.bottleneck), "sweep", data, model_path)
-                while (swept := self.swept_rates(dataset, method)) and (
-                    len(swept) - len(protocol.lr_grids[method]) < protocol.grid_extensions
-                ):
-                    lr = next_rate(swept, self._chosen_rate(dataset, method))
-                    if lr is None:
-                        break
+                while (lr := _sweep_state(self.runs, protocol, dataset, method)[1]) is not None:
                     self.run(RunSpec(dataset, method, lr, first, protocol.bottleneck), "sweep", data, model_path)
             for method in self.methods:  # 2. the other seeds at the chosen learning rate
                 lr = self._chosen_rate(dataset, method)
