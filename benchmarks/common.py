@@ -249,19 +249,19 @@ def lora_config(model: nn.Module, modules_to_save: list[str] | None = None) -> A
 
 def mona_config(
     bottleneck_dim: int = 64,
-    merge_filters: bool = True,
     modules_to_save: list[str] | None = None,
     default_heads: bool = False,
 ) -> Any:
     """Mona with the paper's defaults (kernels 3/5/7, dropout 0.1, both positions).
 
     No module is trained in full unless ``modules_to_save`` names some, or ``default_heads`` asks for MonaConfig's
-    own default (the model's task head).
+    own default (the model's task head). How the adapters compute (fused norm + down, merged filter) is a runtime
+    choice, not part of the config: see ``mona_peft.set_compute``.
     """
     from mona_peft import MonaConfig
 
     heads = None if default_heads else (modules_to_save or [])
-    return MonaConfig(bottleneck_dim=bottleneck_dim, merge_filters=merge_filters, modules_to_save=heads)
+    return MonaConfig(bottleneck_dim=bottleneck_dim, modules_to_save=heads)
 
 
 def count(parameters: Any) -> int:

@@ -1,8 +1,9 @@
 """Trainable parameters of Mona (bottleneck 32/64/128) and of LoRA r=16 on q/v, and their share of the backbone.
 
-Models are built from their configs on the ``meta`` device (no weights, no downloads). The adapter file size is the
-size of ``adapter_model.safetensors`` written by a real ``save_pretrained`` (fp32, adapter only, no task head): the
-adapter's parameters are materialised as zeros on the CPU just before the save.
+Models are built from their configs on the ``meta`` device (no weights, no downloads) and given uninitialised CPU
+storage (``to_empty``: allocated, never written, so it costs address space rather than memory) before an adapter is
+added, since Mona refuses blocks whose weights are on ``meta`` with nothing to load them. The adapter file size is the
+size of ``adapter_model.safetensors`` written by a real ``save_pretrained`` (fp32, adapter only, no task head).
 
     python -m benchmarks.params            # all models (a minute or two)
     python -m benchmarks.params --quick    # Swin-T and Swin-L at bottleneck 64 only (smoke test)
@@ -64,6 +65,12 @@ def adapter_params(model: nn.Module, marker: str) -> int:
     return count(p for name, p in model.named_parameters() if marker in name)
 
 
+def unwritten(model: nn.Module) -> nn.Module:
+    """``model`` (built on ``meta``) with uninitialised CPU storage: parameter counts and shapes are all that is read
+    from the base, and pages that are never written are never made resident."""
+    return model.to_empty(device="cpu")
+
+
 def saved_adapter_bytes(peft_model: nn.Module) -> int:
     """Bytes of ``adapter_model.safetensors`` from ``save_pretrained`` (meta adapter weights made real zeros first)."""
     for module in peft_model.modules():
@@ -92,7 +99,8 @@ def measure_model(spec: ModelSpec, bottlenecks: tuple[int, ...]) -> dict[str, An
     }
     for m in bottlenecks:
         with torch.device("meta"):
-            model = get_peft_model(build_classifier(spec), mona_config(bottleneck_dim=m))
+            base = build_classifier(spec)
+        model = get_peft_model(unwritten(base), mona_config(bottleneck_dim=m))
         params = adapter_params(model, ".mona_")
         entry["mona"].append(
             {
@@ -105,7 +113,7 @@ def measure_model(spec: ModelSpec, bottlenecks: tuple[int, ...]) -> dict[str, An
         )
     with torch.device("meta"):
         base = build_classifier(spec)
-        model = get_peft_model(base, lora_config(base))
+    model = get_peft_model(unwritten(base), lora_config(base))
     params = adapter_params(model, "lora_")
     entry["lora"] = {
         "rank": LORA_RANK,
@@ -131,7 +139,7 @@ def measure_upernet_swin_l(bottleneck: int = 64) -> dict[str, Any]:
         base = UperNetForSemanticSegmentation(UperNetConfig(backbone_config=backbone_config, num_labels=150))
         backbone = count(base.backbone.parameters())
         heads = {name: count(module.parameters()) for name, module in base.named_children() if name != "backbone"}
-        model = get_peft_model(base, mona_config(bottleneck_dim=bottleneck, default_heads=True))
+    model = get_peft_model(unwritten(base), mona_config(bottleneck_dim=bottleneck, default_heads=True))
     outside = [n for n, _ in model.named_parameters() if ".mona_" in n and ".backbone." not in n]
     if outside:
         raise AssertionError(f"Mona parameters outside the backbone: {outside[:3]}")

@@ -1,16 +1,25 @@
 """Where Mona's time goes: torch.profiler on one Mona module at ViT-B/16 shapes and on a full ViT-B/16 train step.
 
-1. **One module** (``mona_delta`` at [32, 197, 768], 14x14 grid, bottleneck 64): a copy of the plain-op version
-   (:mod:`benchmarks.unfused`, the code this profile was made for, before the fused norm + down projection) with a
-   ``record_function`` per stage (checked to give bit-identical results) splits the forward by stage; every
-   backward node is charged to the stage whose forward op created it (autograd sequence numbers). Each iteration is
-   profiled on its own; tables show the median over iterations.
-2. **Module, unfused (before) vs fused (``src``)**, interleaved rounds with an A/A pair.
-3. **A full train step** (ViT-B/16, batch 8, Mona, AdamW): forward / backward / optimizer, and Mona's share of each
-   (its compute inside ``mona_delta``, and the glue: hooks, context variables and the residual adds).
-4. **Hook and context-variable overhead** per block call, with Mona's compute stubbed out, on a tiny model.
+Everything here goes through the package's public API: :class:`mona_peft.MonaAdapter` (one Mona module) and its
+``fused`` / ``merge_filters`` flags, ``mona_peft.set_compute``, PEFT's ``disable_adapter()``, and ordinary module
+hooks and ``torch.profiler``; nothing in the package is patched.
 
-    python -m benchmarks.profile_mona           # ~5 minutes on 2 cores
+1. **One module** (a ``MonaAdapter`` at [32, 197, 768], 14x14 grid, bottleneck 64), in both of its forms: the
+   plain-op reference (``fused=False``, what this profile was first made for, and what motivated the fused form) and
+   the default fused form. :func:`staged_forward` runs the adapter's own sub-modules and parameters through the same
+   ops, in the same order, as ``MonaAdapter.forward``, with a ``record_function`` per stage; it is checked to give
+   bit-identical results to ``adapter(x, grid, num_prefix)`` before anything is timed. Every backward node is
+   charged to the stage whose forward op created it (autograd sequence numbers). Each iteration is profiled on its
+   own; tables show the median over iterations.
+2. **Module, plain ops (``fused=False``) vs fused (default)**, interleaved rounds with an A/A pair.
+3. **A full train step** (ViT-B/16, batch 8, Mona, AdamW): forward / backward / optimizer, and Mona's share of each:
+   its compute (ranges opened and closed by forward pre-hooks and hooks on every ``MonaAdapter``) and the glue around
+   it (the aten ops that run in ``mona_peft`` outside the adapters: residual adds, mixed-batch routing; found from the
+   profiler's Python stacks).
+4. **Glue per block call** on a tiny model: the wrapped model against the plain one, with its adapters disabled
+   (``with model.disable_adapter():``), and against its adapters called on their own with the inputs they got.
+
+    python -m benchmarks.profile_mona           # ~2-5 minutes on 2 cores
     python -m benchmarks.profile_mona --quick   # small shapes (smoke test)
 """
 
@@ -18,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import random
+import re
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -30,73 +41,105 @@ import torch.nn.functional as F
 from peft import get_peft_model
 from torch.profiler import ProfilerActivity, profile, record_function
 
-import mona_peft
-from benchmarks import unfused
 from benchmarks.common import HEAD, MODELS, build_classifier, load_average, machine_info, mona_config, write_results
 from benchmarks.speed import describe, median_ms, paired_ratios
-from mona_peft.families import layout_for
-from mona_peft.filters import merged_filter, reference_filter
-from mona_peft.layer import MonaLayer, conv_part
+from mona_peft import MonaAdapter
+from mona_peft.filters import merged_filter, merged_filter_params, reference_filter
+from mona_peft.fused import scaled_norm_down
 
 BACKWARD_PREFIX = "autograd::engine::evaluate_function: "
-STAGES = (
-    "scaled norm: LN(x)*s1 + x*s2",
-    "down projection (C -> m)",
-    "to grid: slice + transpose + reshape",
-    "merge the 3 kernels into one",
-    "depthwise conv (merged 7x7)",
-    "from grid + prefix-token cat",
-    "projector: 1x1 conv + skip",
-    "GELU + dropout",
-    "up projection (m -> C)",
-)
+STAGE_NORM = "scaled norm: LN(x)*s1 + x*s2"
+STAGE_DOWN = "down projection (C -> m)"
+STAGE_NORM_DOWN = "scaled norm + down (fused function)"
+STAGE_GRID = "to grid: split + transpose + reshape"
+STAGE_MERGE = "merge the 3 kernels into one"
+STAGE_CONV = "depthwise conv (merged 7x7)"
+STAGE_CONVS = "depthwise convs (three, merge_filters=False)"
+STAGE_CAT = "from grid + prefix-token cat"
+STAGE_PROJ = "projector: 1x1 conv + skip, as (W + I)"
+STAGE_GELU = "GELU + dropout"
+STAGE_UP = "up projection (m -> C)"
+STAGE_PREFIX = "zero prefix-token delta"
+
+
+def stages_of(adapter: MonaAdapter, num_prefix: int) -> tuple[str, ...]:
+    """The stage labels :func:`staged_forward` records for ``adapter``'s settings, in order."""
+    head = (STAGE_NORM_DOWN,) if adapter.fused else (STAGE_NORM, STAGE_DOWN)
+    conv = (STAGE_MERGE, STAGE_CONV) if adapter.merge_filters else (STAGE_CONVS,)
+    tail = (STAGE_PREFIX,) if num_prefix and adapter.prefix_tokens == "unchanged" else ()
+    return (*head, STAGE_GRID, *conv, STAGE_CAT, STAGE_PROJ, STAGE_GELU, STAGE_UP, *tail)
 
 
 # ------------------------------------------------------------------------------------- the module, stage by stage
 
 
-def staged_mona_delta(
-    layer: MonaLayer, adapter_name: str, position: str, x: torch.Tensor, grid: tuple[int, int]
-) -> torch.Tensor:
-    """:func:`benchmarks.unfused.unfused_mona_delta` (float32 path), one ``record_function`` per stage; the same ops
-    in the same order."""
-    settings = layer.mona_settings[adapter_name]
-    p = layer._parts(adapter_name, position)
-    batch, tokens, _ = x.shape
+def staged_forward(adapter: MonaAdapter, x: torch.Tensor, grid: tuple[int, int], num_prefix: int) -> torch.Tensor:
+    """``adapter(x, grid, num_prefix)`` written out from the adapter's public sub-modules and parameters, with one
+    ``record_function`` per stage (labels: :func:`stages_of`): the same ops in the same order as
+    ``MonaAdapter.forward`` for parameters in ``x``'s dtype (checked for bit-identical results by
+    :func:`check_staged`)."""
+    if any(p.dtype != x.dtype for p in adapter.parameters()):
+        raise ValueError("staged_forward mirrors the path without casts: parameters and input in one dtype")
+    batch, tokens, channels = x.shape
     height, width = grid
-    num_prefix = tokens - height * width
-    stage = iter(STAGES)
-    with record_function(next(stage)):
-        norm = p["norm"]
-        h = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        h = h * p["scale_norm"] + x * p["scale_skip"]
-    with record_function(next(stage)):
-        h = F.linear(h, p["down"].weight, p["down"].bias)
-    with record_function(next(stage)):
-        patches = h[:, num_prefix:]
+    if tokens != num_prefix + height * width:
+        raise ValueError(f"{tokens} tokens do not fit a {height}x{width} grid with {num_prefix} prefix token(s)")
+    norm, down = adapter.norm, adapter.down
+    if adapter.fused:
+        with record_function(STAGE_NORM_DOWN):
+            h = scaled_norm_down(
+                x, norm.weight, norm.bias, adapter.scale_norm, adapter.scale_skip, down.weight, down.bias, norm.eps
+            )
+    else:
+        with record_function(STAGE_NORM):
+            scaled = F.layer_norm(x, (channels,), norm.weight, norm.bias, norm.eps)
+            scaled = scaled * adapter.scale_norm + x * adapter.scale_skip
+        with record_function(STAGE_DOWN):
+            h = F.linear(scaled, down.weight, down.bias)
+    with record_function(STAGE_GRID):
+        prefix, patches = h.split([num_prefix, height * width], dim=1)
         image = patches.transpose(1, 2).reshape(batch, -1, height, width)
-    convs = [p[conv_part(k)] for k in settings.kernel_sizes]
-    weights, biases = [c.weight for c in convs], [c.bias for c in convs]
-    with record_function(next(stage)):
-        from mona_peft.filters import merged_filter_params
-
-        kernel, bias = merged_filter_params(weights, biases) if settings.merge_filters else (None, None)
-    with record_function(next(stage)):
-        if settings.merge_filters:
+    weights = [conv.weight for conv in adapter.convs]
+    biases = [conv.bias for conv in adapter.convs]
+    if adapter.merge_filters:
+        with record_function(STAGE_MERGE):
+            kernel, bias = merged_filter_params(weights, biases)
+        with record_function(STAGE_CONV):
             image = F.conv2d(image, kernel, bias, padding=kernel.shape[-1] // 2, groups=image.shape[1])
-        else:
+    else:
+        with record_function(STAGE_CONVS):
             image = reference_filter(image, weights, biases)
-    with record_function(next(stage)):
+    with record_function(STAGE_CAT):
         patches = image.flatten(2).transpose(1, 2)
-        h = torch.cat([h[:, :num_prefix], patches], dim=1) if num_prefix else patches
-    with record_function(next(stage)):
-        proj = p["proj"]
-        h = h + F.linear(h, proj.weight.flatten(1), proj.bias)
-    with record_function(next(stage)):
-        h = F.dropout(F.gelu(h), settings.dropout, layer.training)
-    with record_function(next(stage)):
-        delta = F.linear(h, p["up"].weight, p["up"].bias)
+        h = torch.cat([prefix, patches], dim=1) if num_prefix else patches
+    with record_function(STAGE_PROJ):
+        weight = adapter.proj.weight.flatten(1)
+        weight = weight + torch.eye(weight.shape[0], dtype=x.dtype, device=weight.device)
+        h = F.linear(h, weight, adapter.proj.bias)
+    with record_function(STAGE_GELU):
+        h = F.dropout(F.gelu(h), adapter.dropout, adapter.training)
+    with record_function(STAGE_UP):
+        delta = F.linear(h, adapter.up.weight, adapter.up.bias)
+    if num_prefix and adapter.prefix_tokens == "unchanged":
+        with record_function(STAGE_PREFIX):
+            delta = torch.cat([delta.new_zeros(batch, num_prefix, channels), delta[:, num_prefix:]], dim=1)
     return delta
+
+
+def check_staged(adapter: MonaAdapter, x: torch.Tensor, grid: tuple[int, int], num_prefix: int) -> None:
+    """Raise unless :func:`staged_forward` gives bit-identical results to the adapter's own forward (eval mode, so
+    that dropout is off; the adapter's mode is restored)."""
+    mode = adapter.training
+    adapter.eval()
+    try:
+        with torch.no_grad():
+            if not torch.equal(staged_forward(adapter, x, grid, num_prefix), adapter(x, grid, num_prefix)):
+                raise AssertionError(
+                    f"staged_forward differs from MonaAdapter.forward (fused={adapter.fused}, "
+                    f"merge_filters={adapter.merge_filters}); update the copy"
+                )
+    finally:
+        adapter.train(mode)
 
 
 def _descendants(event: Any) -> Iterator[Any]:
@@ -175,47 +218,43 @@ def _median_tables(tables: list[dict[str, dict[str, float]]]) -> dict[str, dict[
     }
 
 
-def make_module(hidden: int, bottleneck: int, merge_filters: bool = True, seed: int = 0) -> MonaLayer:
-    """A MonaLayer around one ViT block (hidden size ``hidden``), with non-trivial adapter weights."""
-    from transformers import ViTConfig
-    from transformers.models.vit.modeling_vit import ViTLayer
-
+def make_adapter(shape: dict[str, int], seed: int = 0, fused: bool = False) -> MonaAdapter:
+    """A Mona module of width ``shape["hidden"]`` and bottleneck ``shape["bottleneck"]`` with non-trivial weights
+    (the official init, whose up projection is not zero)."""
     torch.manual_seed(seed)
-    heads = max(1, hidden // 64)
-    block = ViTLayer(ViTConfig(hidden_size=hidden, num_attention_heads=heads, intermediate_size=4 * hidden))
-    config = mona_peft.MonaConfig(bottleneck_dim=bottleneck, init_weights=False, merge_filters=merge_filters)
-    return MonaLayer(block, "default", config, layout_for(block))
+    adapter = MonaAdapter(shape["hidden"], bottleneck_dim=shape["bottleneck"], init_weights="official")
+    adapter.fused = fused
+    return adapter
 
 
-def module_breakdown(shape: dict[str, int], iterations: int, seed: int) -> dict[str, Any]:
-    """Per-stage and per-op breakdown of one Mona module (train: forward + backward; inference: forward)."""
-    layer = make_module(shape["hidden"], shape["bottleneck"], seed=seed)
+def _module_input(shape: dict[str, int], seed: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], int]:
     grid = (shape["grid"], shape["grid"])
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(shape["batch"], shape["prefix"] + grid[0] * grid[1], shape["hidden"], generator=generator)
     grad = torch.randn(x.shape, generator=generator)
+    return x, grad, grid, shape["prefix"]
 
-    # the instrumented copy must compute exactly what the real method computes
-    layer.eval()
-    with torch.no_grad():
-        if not torch.equal(
-            staged_mona_delta(layer, "default", "attention", x, grid),
-            unfused.unfused_mona_delta(layer, "default", "attention", x, grid),
-        ):
-            raise AssertionError("staged_mona_delta differs from unfused_mona_delta; update the copy")
 
-    result: dict[str, Any] = {}
+def module_breakdown(shape: dict[str, int], iterations: int, seed: int, fused: bool = False) -> dict[str, Any]:
+    """Per-stage and per-op breakdown of one Mona module (train: forward + backward; inference: forward), in its
+    plain-op form (``fused=False``) or its fused one."""
+    adapter = make_adapter(shape, seed, fused=fused)
+    x, grad, grid, num_prefix = _module_input(shape, seed)
+    check_staged(adapter, x, grid, num_prefix)  # the instrumented copy computes exactly what the adapter computes
+    labels = stages_of(adapter, num_prefix)
+
+    result: dict[str, Any] = {"fused": fused, "merge_filters": adapter.merge_filters}
     for mode in ("train", "inference"):
-        layer.train(mode == "train")
+        adapter.train(mode == "train")
 
         def run(mode: str = mode) -> None:
             if mode == "train":
                 xi = x.detach().requires_grad_(True)
-                staged_mona_delta(layer, "default", "attention", xi, grid).backward(grad)
-                layer.zero_grad(set_to_none=True)
+                staged_forward(adapter, xi, grid, num_prefix).backward(grad)
+                adapter.zero_grad(set_to_none=True)
             else:
                 with torch.inference_mode():
-                    staged_mona_delta(layer, "default", "attention", x, grid)
+                    staged_forward(adapter, x, grid, num_prefix)
 
         for _ in range(2):
             run()
@@ -226,7 +265,7 @@ def module_breakdown(shape: dict[str, int], iterations: int, seed: int) -> dict[
                 run()
                 totals.append((time.perf_counter() - start) * 1e3)
             events = list(prof.events())
-            stages.append(attribute(events, STAGES))
+            stages.append(attribute(events, labels))
             ops.append(op_table(events))
             copies.append(copy_parents(events))
         op_median = _median_tables(ops)
@@ -244,33 +283,30 @@ def module_breakdown(shape: dict[str, int], iterations: int, seed: int) -> dict[
 
 
 def module_comparison(shape: dict[str, int], rounds: int, inner: int, seed: int) -> dict[str, Any]:
-    """Interleaved timing of ``mona_delta``: the unfused version, its A/A twin, and ``src``'s fused one."""
-    layer = make_module(shape["hidden"], shape["bottleneck"], seed=seed)
-    grid = (shape["grid"], shape["grid"])
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape["batch"], shape["prefix"] + grid[0] * grid[1], shape["hidden"], generator=generator)
-    grad = torch.randn(x.shape, generator=generator)
-    variants: dict[str, Callable[..., torch.Tensor]] = {
-        "unfused": unfused.unfused_mona_delta,
-        "unfused_twin": unfused.unfused_mona_delta,
-        "fused": unfused.fused_mona_delta,
-    }
+    """Interleaved timing of one Mona module: plain ops (``fused=False``), its A/A twin (the same module again), and
+    the fused form (a copy of the module, same weights, ``fused=True``)."""
+    unfused = make_adapter(shape, seed, fused=False)
+    fused = copy.deepcopy(unfused)
+    fused.fused = True
+    x, grad, grid, num_prefix = _module_input(shape, seed)
+    variants: dict[str, MonaAdapter] = {"unfused": unfused, "unfused_twin": unfused, "fused": fused}
     rng = random.Random(seed)
     result: dict[str, Any] = {"shape": shape, "rounds": rounds, "calls_per_measurement": inner}
     for mode in ("train", "inference"):
-        layer.train(mode == "train")
+        for adapter in variants.values():
+            adapter.train(mode == "train")
 
-        def run(fn: Callable[..., torch.Tensor], mode: str = mode) -> None:
+        def run(adapter: MonaAdapter, mode: str = mode) -> None:
             if mode == "train":
                 xi = x.detach().requires_grad_(True)
-                fn(layer, "default", "attention", xi, grid).backward(grad)
-                layer.zero_grad(set_to_none=True)
+                adapter(xi, grid, num_prefix).backward(grad)
+                adapter.zero_grad(set_to_none=True)
             else:
                 with torch.no_grad():
-                    fn(layer, "default", "attention", x, grid)
+                    adapter(x, grid, num_prefix)
 
-        for fn in variants.values():
-            run(fn)
+        for adapter in variants.values():
+            run(adapter)
         records = []
         for r in range(rounds):
             order = list(variants)
@@ -287,8 +323,8 @@ def module_comparison(shape: dict[str, int], rounds: int, inner: int, seed: int)
             },
         }
     result["saved_for_backward_mib"] = {
-        name: saved_tensor_mib(lambda fn=fn: fn(layer, "default", "attention", x.detach().requires_grad_(True), grid))
-        for name, fn in (("unfused", unfused.unfused_mona_delta), ("fused", unfused.fused_mona_delta))
+        name: saved_tensor_mib(lambda adapter=adapter: adapter(x.detach().requires_grad_(True), grid, num_prefix))
+        for name, adapter in (("unfused", unfused), ("fused", fused))
     }
     return result
 
@@ -350,55 +386,105 @@ def filter_variants(shape: dict[str, int], rounds: int, inner: int, seed: int) -
 # ---------------------------------------------------------------------------------------------- a full train step
 
 
-@contextlib.contextmanager
-def labelled_mona() -> Iterator[None]:
-    """Wrap Mona's compute and its hooks in ``record_function`` ranges (build the model inside the ``with``)."""
-    originals = {
-        name: getattr(MonaLayer, name) for name in ("mona_delta", "_entry_hook", "_join_hook", "_output_hook")
-    }
+COMPUTE_LABEL = "mona: compute"
+GLUE_FORWARD = "mona glue (aten ops in mona_peft outside the adapters): forward"
+GLUE_BACKWARD = "mona glue (aten ops in mona_peft outside the adapters): backward"
+# A Python frame as the profiler names it with with_stack=True: "path/to/file.py(123): function".
+_FRAME = re.compile(r"^(?P<path>.+?\.py)\(\d+\): ")
+# Files of the package that compute Mona itself; any other mona_peft file is glue (the tuner layer's hooks, the
+# model's forward hooks for mixed batches, ...).
+_COMPUTE_FILES = ("adapter.py", "fused.py", "filters.py")
+_OTHER_OWNERS = ("transformers", "peft", "benchmarks")
 
-    def wrap(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        label = "mona: compute" if name == "mona_delta" else "mona: hook"
 
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            with record_function(label):
-                return fn(*args, **kwargs)
+def label_adapters(model: torch.nn.Module, label: str = COMPUTE_LABEL) -> list[Any]:
+    """Open a ``record_function(label)`` range when a ``MonaAdapter`` of ``model`` starts its forward and close it
+    when it returns (ordinary forward pre-hooks and hooks); returns the hook handles (``.remove()`` them after)."""
+    handles = []
+    for module in model.modules():
+        if isinstance(module, MonaAdapter):
+            ranges: list[Any] = []
 
-        return wrapped
+            def enter(_module: Any, _args: Any, ranges: list[Any] = ranges) -> None:
+                ranges.append(record_function(label).__enter__())
 
-    for name, fn in originals.items():
-        setattr(MonaLayer, name, wrap(name, fn))
-    try:
-        yield
-    finally:
-        for name, fn in originals.items():
-            setattr(MonaLayer, name, fn)
+            def leave(_module: Any, _args: Any, _output: Any, ranges: list[Any] = ranges) -> None:
+                ranges.pop().__exit__(None, None, None)
+
+            handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    return handles
+
+
+def owner_of(event: Any) -> str | None:
+    """Who called an op, from the profiler's Python stack: the nearest enclosing frame of mona_peft, transformers,
+    peft or the benchmarks (frames of torch and the standard library are looked through). ``"compute"``: mona_peft's
+    adapter, fused function or filters; ``"glue"``: any other mona_peft file; ``None``: anything else."""
+    parent = event.cpu_parent
+    while parent is not None:
+        match = _FRAME.match(parent.name)
+        if match:
+            path = "/" + match["path"].replace("\\", "/")
+            if "/mona_peft/" in path:
+                return "compute" if path.rsplit("/", 1)[-1] in _COMPUTE_FILES else "glue"
+            if any(f"/{library}/" in path for library in _OTHER_OWNERS):
+                return None
+        parent = parent.cpu_parent
+    return None
+
+
+def glue_times(events: list[Any]) -> tuple[float, float]:
+    """Forward and backward ms of the glue: top-level aten ops called from mona_peft outside the adapters, and the
+    backward nodes those ops created."""
+    forward = 0.0
+    owned: set[int] = set()
+    for e in events:
+        if not e.name.startswith("aten::") or _in_backward(e):
+            continue
+        if e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"):
+            continue  # counted with its caller
+        if owner_of(e) != "glue":
+            continue
+        forward += _ms(e.cpu_time_total)
+        owned.update(d.sequence_nr for d in (e, *_descendants(e)) if d.sequence_nr >= 0)
+    backward = sum(
+        _ms(e.cpu_time_total)
+        for e in events
+        if e.name.startswith(BACKWARD_PREFIX) and e.sequence_nr in owned and not _in_backward(e)
+    )
+    return forward, backward
 
 
 def train_step_breakdown(model_key: str, batch: int, iterations: int, seed: int) -> dict[str, Any]:
-    """Profile a Mona train step: forward, backward, optimizer; Mona's compute and glue within them."""
+    """Profile a Mona train step: forward, backward, optimizer; Mona's compute and glue within them.
+
+    Compute: ``record_function`` ranges opened and closed by hooks on every ``MonaAdapter`` (backward charged through
+    autograd sequence numbers, as for the stages). Glue: the profiler's Python stacks (``with_stack=True``) say which
+    aten ops ran in mona_peft outside the adapters. The profiler's Python tracing slows the step a little; the
+    shares are what this section is for, the step's time is in docs/benchmarks.md.
+    """
     spec = MODELS[model_key]
     torch.manual_seed(seed)
-    with labelled_mona():
-        model = get_peft_model(build_classifier(spec), mona_config(modules_to_save=[HEAD])).train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        generator = torch.Generator().manual_seed(seed)
-        pixels = torch.randn(batch, 3, spec.image_size, spec.image_size, generator=generator)
-        labels = torch.randint(0, 1000, (batch,), generator=generator)
+    model = get_peft_model(build_classifier(spec), mona_config(modules_to_save=[HEAD])).train()
+    handles = label_adapters(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(batch, 3, spec.image_size, spec.image_size, generator=generator)
+    labels = torch.randint(0, 1000, (batch,), generator=generator)
 
-        def step() -> None:
-            with record_function("step: forward"):
-                loss = F.cross_entropy(model(pixel_values=pixels).logits, labels)
-            with record_function("step: backward"):
-                loss.backward()
-            with record_function("step: optimizer"):
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+    def step() -> None:
+        with record_function("step: forward"):
+            loss = F.cross_entropy(model(pixel_values=pixels).logits, labels)
+        with record_function("step: backward"):
+            loss.backward()
+        with record_function("step: optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
+    try:
         step()
         rows = []
         for _ in range(iterations):
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
                 start = time.perf_counter()
                 step()
                 wall = (time.perf_counter() - start) * 1e3
@@ -407,19 +493,20 @@ def train_step_breakdown(model_key: str, batch: int, iterations: int, seed: int)
             for e in events:
                 if e.name.startswith("step: "):
                     row[e.name] = _ms(e.cpu_time_total)
-            mona = attribute(events, ("mona: compute", "mona: hook"))
-            compute, hook = mona["mona: compute"], mona["mona: hook"]
-            # hook ranges contain the compute ranges: the glue is what is left
+            compute = attribute(events, (COMPUTE_LABEL,))[COMPUTE_LABEL]
             row["mona compute: forward"] = compute["forward_ms"]
             row["mona compute: backward"] = compute["backward_ms"]
-            row["mona glue (hooks, contextvars, residual adds): forward"] = hook["forward_ms"] - compute["forward_ms"]
-            row["mona glue (hooks, contextvars, residual adds): backward"] = hook["backward_ms"]
+            row[GLUE_FORWARD], row[GLUE_BACKWARD] = glue_times(events)
             rows.append(row)
+    finally:
+        for handle in handles:
+            handle.remove()
     keys = dict.fromkeys(k for r in rows for k in r)
     return {
         "model": spec.name,
         "batch": batch,
         "iterations": iterations,
+        "adapters": sum(isinstance(m, MonaAdapter) for m in model.modules()),
         "median_ms": {k: statistics.median(r.get(k, 0.0) for r in rows) for k in keys},
     }
 
@@ -501,7 +588,10 @@ def op_costs(rounds: int, inner: int, seed: int) -> dict[str, Any]:
 
 
 def hook_overhead(rounds: int, inner: int, seed: int) -> dict[str, Any]:
-    """Cost of Mona's glue per block call: a 12-block tiny ViT, plain vs wrapped with Mona's compute stubbed out."""
+    """Cost of Mona's glue per block call: a 12-block tiny ViT, plain; wrapped with its adapters disabled
+    (``disable_adapter()``); wrapped with Mona; and its Mona modules alone, called on the inputs they got in a
+    wrapped forward (captured once with forward hooks). Glue per block = (Mona - plain - modules alone) / blocks;
+    an idle wrapper per block = (disabled - plain) / blocks."""
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(seed)
@@ -511,47 +601,69 @@ def hook_overhead(rounds: int, inner: int, seed: int) -> dict[str, Any]:
     plain = ViTForImageClassification(config).eval()
     wrapped = get_peft_model(ViTForImageClassification(config), mona_config(bottleneck_dim=8)).eval()
     pixels = torch.randn(1, 3, 32, 32)
-    original = MonaLayer._position_delta
 
-    def stubbed(self: MonaLayer, call: Any, position: str, x: torch.Tensor) -> None:
-        return None
+    calls: list[tuple[MonaAdapter, tuple[Any, ...], dict[str, Any]]] = []
 
-    def run(model: Any, stub: bool) -> None:
-        MonaLayer._position_delta = stubbed if stub else original
-        try:
-            with torch.no_grad():
-                model(pixel_values=pixels)
-        finally:
-            MonaLayer._position_delta = original
+    def capture(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], _output: Any) -> None:
+        calls.append((module, tuple(a.clone() if torch.is_tensor(a) else a for a in args), dict(kwargs)))
 
-    variants = {"plain": (plain, False), "mona glue only": (wrapped, True), "mona": (wrapped, False)}
+    adapters = [m for m in wrapped.modules() if isinstance(m, MonaAdapter)]
+    handles = [m.register_forward_hook(capture, with_kwargs=True) for m in adapters]
+    with torch.no_grad():
+        wrapped(pixel_values=pixels)
+    for handle in handles:
+        handle.remove()
+
+    def forward(model: Any) -> None:
+        model(pixel_values=pixels)
+
+    def alone() -> None:
+        for module, args, kwargs in calls:
+            module(*args, **kwargs)
+
+    # name -> (one call, the context it runs in: entered once around the timed calls, outside the timer)
+    variants: dict[str, tuple[Callable[[], None], Callable[[], Any]]] = {
+        "plain": (lambda: forward(plain), contextlib.nullcontext),
+        "wrapped, adapters disabled": (lambda: forward(wrapped), wrapped.disable_adapter),
+        "mona": (lambda: forward(wrapped), contextlib.nullcontext),
+        "mona modules alone": (alone, contextlib.nullcontext),
+    }
     rng = random.Random(seed)
     records = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # microsecond-scale work: keep OpenMP barriers (and other processes) out of it
-    for model, stub in variants.values():
-        run(model, stub)
-    for r in range(rounds):
-        order = list(variants)
-        rng.shuffle(order)
-        for name in order:
-            start = time.perf_counter()
-            for _ in range(inner):
-                run(*variants[name])
-            records.append({"round": r, "method": name, "us": (time.perf_counter() - start) / inner * 1e6})
-    torch.set_num_threads(threads)
-    per_block = []
+    try:
+        with torch.no_grad():
+            for fn, context in variants.values():
+                with context():
+                    fn()
+            for r in range(rounds):
+                order = list(variants)
+                rng.shuffle(order)
+                for name in order:
+                    fn, context = variants[name]
+                    with context():
+                        start = time.perf_counter()
+                        for _ in range(inner):
+                            fn()
+                        elapsed = time.perf_counter() - start
+                    records.append({"round": r, "method": name, "us": elapsed / inner * 1e6})
+    finally:
+        torch.set_num_threads(threads)
+    blocks = config.num_hidden_layers
     by_round: dict[int, dict[str, float]] = {}
     for x in records:
         by_round.setdefault(x["round"], {})[x["method"]] = x["us"]
-    for row in by_round.values():
-        per_block.append((row["mona glue only"] - row["plain"]) / config.num_hidden_layers)
+    glue = [(row["mona"] - row["plain"] - row["mona modules alone"]) / blocks for row in by_round.values()]
+    idle = [(row["wrapped, adapters disabled"] - row["plain"]) / blocks for row in by_round.values()]
     return {
-        "model": "tiny ViT, 12 blocks, hidden 32, 17 tokens, batch 1, no grad, 1 thread",
+        "model": f"tiny ViT, {blocks} blocks, hidden 32, 17 tokens, batch 1, no grad, 1 thread",
+        "mona_modules_per_forward": len(calls),
         "us_per_forward": {
             name: describe([rec["us"] for rec in records if rec["method"] == name]) for name in variants
         },
-        "glue_us_per_block_call": describe(per_block),
+        "glue_us_per_block_call": describe(glue),
+        "idle_wrapper_us_per_block_call": describe(idle),
     }
 
 
@@ -581,6 +693,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload: dict[str, Any] = {"benchmark": "profile", "quick": args.quick, "machine": machine_info()}
     print("module breakdown ...", flush=True)
     payload["module"] = {"shape": shape, "iterations": iters, **module_breakdown(shape, iters, args.seed)}
+    payload["module_fused"] = {
+        "shape": shape,
+        "iterations": iters,
+        **module_breakdown(shape, iters, args.seed, fused=True),
+    }
     print("unfused vs fused ...", flush=True)
     payload["fused_module"] = {
         "vit-b": module_comparison(shape, rounds, inner, args.seed),

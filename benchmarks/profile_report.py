@@ -8,15 +8,19 @@ from __future__ import annotations
 
 from typing import Any
 
+# The stage labels of benchmarks/profile_mona.py (kept in sync by tests/test_benchmarks.py).
 STAGE_NORM = "scaled norm: LN(x)*s1 + x*s2"
 STAGE_DOWN = "down projection (C -> m)"
-STAGE_GRID = "to grid: slice + transpose + reshape"
+STAGE_NORM_DOWN = "scaled norm + down (fused function)"
+STAGE_GRID = "to grid: split + transpose + reshape"
 STAGE_MERGE = "merge the 3 kernels into one"
 STAGE_CONV = "depthwise conv (merged 7x7)"
 STAGE_CAT = "from grid + prefix-token cat"
-STAGE_PROJ = "projector: 1x1 conv + skip"
+STAGE_PROJ = "projector: 1x1 conv + skip, as (W + I)"
 STAGE_GELU = "GELU + dropout"
 STAGE_UP = "up projection (m -> C)"
+GLUE_FORWARD = "mona glue (aten ops in mona_peft outside the adapters): forward"
+GLUE_BACKWARD = "mona glue (aten ops in mona_peft outside the adapters): backward"
 
 
 def _total(stage: dict[str, float]) -> float:
@@ -25,7 +29,11 @@ def _total(stage: dict[str, float]) -> float:
 
 def _share(stages: dict[str, dict[str, float]], *names: str) -> float:
     everything = sum(_total(v) for v in stages.values()) or 1.0
-    return sum(_total(stages[n]) for n in names) / everything
+    return sum(_total(stages[n]) for n in names if n in stages) / everything
+
+
+def _stage(stages: dict[str, dict[str, float]], name: str) -> dict[str, float]:
+    return stages.get(name, {"forward_ms": 0.0, "backward_ms": 0.0})
 
 
 def _ratio_text(r: dict[str, Any] | None) -> str:
@@ -43,8 +51,7 @@ def _provenance(payload: dict[str, Any]) -> str:
 def _patch_rows(patch: dict[str, Any] | None) -> list[str]:
     if not patch:
         return [
-            "(Run `python -m benchmarks.speed` with `mona_unfused` among the methods for the whole-model "
-            "before/after.)"
+            "(Run `python -m benchmarks.speed` with `mona_unfused` among the methods for the whole-model comparison.)"
         ]
     lines = []
     for c in patch["configs"]:
@@ -75,14 +82,15 @@ def render(
     module, step, hooks = profile["module"], profile["train_step"]["median_ms"], profile["hooks"]
     shape = module["shape"]
     train = module["train"]["stages"]
+    fused_train = profile.get("module_fused", {}).get("train", {}).get("stages")
     wide = (STAGE_NORM, STAGE_DOWN, STAGE_UP)
     forward_total = step.get("step: forward", 0.0) or 1.0
     backward_total = step.get("step: backward", 0.0) or 1.0
     step_total = sum(step.get(k, 0.0) for k in ("step: forward", "step: backward", "step: optimizer")) or 1.0
     compute_f, compute_b = step.get("mona compute: forward", 0.0), step.get("mona compute: backward", 0.0)
-    glue_f = step.get("mona glue (hooks, contextvars, residual adds): forward", 0.0)
-    glue_b = step.get("mona glue (hooks, contextvars, residual adds): backward", 0.0)
+    glue_f, glue_b = step.get(GLUE_FORWARD, 0.0), step.get(GLUE_BACKWARD, 0.0)
     glue_us = hooks["glue_us_per_block_call"]["median"]
+    idle_us = hooks.get("idle_wrapper_us_per_block_call", {}).get("median")
     ops = profile.get("op_costs", {}).get("ms", {})
     flops = profile.get("flops", {})
     saved = profile["fused_module"]["vit-b"]["saved_for_backward_mib"]
@@ -95,6 +103,7 @@ def render(
     blocks = 12  # ViT-B/16
     block_ms = forward_total / blocks
     s = profile["train_step"]
+    grid, cat, merge = _stage(train, STAGE_GRID), _stage(train, STAGE_CAT), _stage(train, STAGE_MERGE)
 
     def vit_ratios(mode: str, variant: str) -> dict[str, Any] | None:
         return fused_vit[mode]["ratios"].get(f"{variant}/unfused")
@@ -103,50 +112,72 @@ def render(
         stat = ops.get(name)
         return f"{stat['median']:.1f} ms" if stat and stat.get("n") else "n/a"
 
+    fused_text = ""
+    if fused_train:
+        fused_total = sum(_total(v) for v in fused_train.values())
+        plain_total = sum(_total(v) for v in train.values()) or 1.0
+        norm_down = _total(_stage(fused_train, STAGE_NORM_DOWN))
+        plain_norm_down = _total(_stage(train, STAGE_NORM)) + _total(_stage(train, STAGE_DOWN))
+        fused_text = (
+            f" In the default fused form the scaled norm and the down projection together take "
+            f"{_share(fused_train, STAGE_NORM_DOWN):.0%} of the module ({norm_down:.0f} ms against "
+            f"{plain_norm_down:.0f} ms as plain ops; the whole module {fused_total:.0f} ms against "
+            f"{plain_total:.0f} ms in these profiled runs)."
+        )
     vit_bound, swin_bound = flops.get("vit-b"), flops.get("swin-t")
+    idle_text = (
+        f" The wrapper with its adapters disabled (`with model.disable_adapter():`) costs {idle_us:.0f} µs per block "
+        "over the plain model."
+        if idle_us is not None
+        else ""
+    )
     lines = [
         "# Where Mona's time goes",
         "",
         "{generated}",
         "",
-        "`torch.profiler` on one Mona module at ViT-B/16 shapes and on a full ViT-B/16 train step, then the "
-        "optimisation this led to, now in `src/` (`src/mona_peft/fused.py`), measured against the earlier "
-        "plain-op code, which `benchmarks/unfused.py` keeps for that purpose. The stage-by-stage profile below is of "
-        "that earlier code: it is what motivated the change. Rerun with `python -m benchmarks.profile_mona` and "
-        "`python -m benchmarks.report`.",
+        "`torch.profiler` on one Mona module (`mona_peft.MonaAdapter`) at ViT-B/16 shapes and on a full ViT-B/16 "
+        "train step. The module computes in one of two forms, chosen by its `fused` flag (`mona_peft.set_compute`): "
+        "the plain-op reference (`fused=False`), which the stage-by-stage profile below is mainly of because it is "
+        "what motivated the fused form, and the default fused form (`src/mona_peft/fused.py`), profiled the same "
+        "way and measured against it. Everything is measured through the package's public API: the stage profile "
+        "runs the adapter's own sub-modules through a copy of its forward with one `record_function` per stage "
+        "(checked bit-identical to `adapter(x, grid, num_prefix)`), the train step uses forward hooks on the "
+        "adapters and the profiler's Python stacks; nothing in the package is patched. Rerun with "
+        "`python -m benchmarks.profile_mona` and `python -m benchmarks.report`.",
         "",
         _provenance(profile),
         "",
         "## Findings",
         "",
         f"1. **Mona's cost is its full-width work, not the convolution.** In one module at x = [{shape['batch']}, "
-        f"{shape['prefix'] + shape['grid'] ** 2}, {shape['hidden']}] (train: forward + backward), the three stages "
+        f"{shape['prefix'] + shape['grid'] ** 2}, {shape['hidden']}] (train: forward + backward, plain-op form), "
+        "the three stages "
         f"that touch [B, N, C] tensors, i.e. the scaled norm `LN(x)·s1 + x·s2` and the down and up projections, take "
         f"**{_share(train, *wide):.0%}** of the time; the scaled norm alone {_share(train, STAGE_NORM):.0%} "
-        f"({train[STAGE_NORM]['forward_ms']:.0f} ms forward, {train[STAGE_NORM]['backward_ms']:.0f} ms backward: "
-        "its backward is four full-size multiplies, two reductions, LayerNorm's backward and the sums into x's "
-        f"gradient). The merged depthwise conv is {_share(train, STAGE_CONV):.0%}, the projector "
-        f"{_share(train, STAGE_PROJ):.0%}, GELU + dropout {_share(train, STAGE_GELU):.0%}.",
-        f"2. **The layout changes are free.** [B, N, m] → [B, m, H, W] is a transpose + reshape *view*: the conv "
-        "receives a channels-last view and oneDNN runs it in that layout; the way back is a view too. The "
-        f"`to grid` stage costs {train[STAGE_GRID]['forward_ms']:.2f} ms forward; its backward "
-        f"({train[STAGE_GRID]['backward_ms']:.1f} ms) is the zero-filled buffers of the two `h[:, a:b]` slices "
-        f"(`slice_backward`), and the prefix-token `cat` costs {_total(train[STAGE_CAT]):.1f} ms. All `copy_` calls "
+        f"({_stage(train, STAGE_NORM)['forward_ms']:.0f} ms forward, {_stage(train, STAGE_NORM)['backward_ms']:.0f} "
+        "ms backward: its backward is four full-size multiplies, two reductions, LayerNorm's backward and the sums "
+        f"into x's gradient). The merged depthwise conv is {_share(train, STAGE_CONV):.0%}, the projector "
+        f"{_share(train, STAGE_PROJ):.0%}, GELU + dropout {_share(train, STAGE_GELU):.0%}." + fused_text,
+        f"2. **The layout changes are free.** [B, N, m] → [B, m, H, W] is a split + transpose + reshape *view*: the "
+        "conv receives a channels-last view and oneDNN runs it in that layout; the way back is a view too. The "
+        f"`to grid` stage costs {grid['forward_ms']:.2f} ms forward and {grid['backward_ms']:.2f} ms backward (one "
+        f"`cat` of the split's gradients), and the prefix-token `cat` {_total(cat):.1f} ms. All `copy_` calls "
         f"together take {copy_all:.1f} ms: {copy_addmm:.1f} ms is `addmm` copying its bias into the output, "
-        f"{copy_conv:.1f} ms is the conv making the sliced (non-dense) patch view dense. Merging the three kernels "
-        "costs "
-        f"{_total(train[STAGE_MERGE]):.2f} ms per call.",
-        f"3. **In a whole train step** ({s['model']}, batch {s['batch']}, median of {s['iterations']} profiled "
-        f"steps, {step_total / 1e3:.1f} s): Mona's own compute is {compute_f / 1e3:.2f} s of the "
-        f"{forward_total / 1e3:.2f} s forward ({compute_f / forward_total:.0%}) and {compute_b / 1e3:.2f} s of the "
-        f"{backward_total / 1e3:.2f} s backward ({compute_b / backward_total:.0%}); the glue around it (hooks, "
-        f"context variables and the three residual adds per block) {glue_f:.0f} ms forward + {glue_b:.0f} ms "
-        f"backward, of which the hooks themselves are about {blocks} × {glue_us:.0f} µs ≈ "
-        f"{blocks * glue_us / 1e3:.0f} ms (finding 4): the rest is the full-width adds.",
-        f"4. **Hooks and context variables cost {glue_us:.0f} µs per block call** (median; a 12-block tiny ViT with "
-        "Mona's compute stubbed out, against the plain model, one thread; the spread is large at this scale). A "
-        f"ViT-B/16 block's forward takes {block_ms:.0f} ms at batch {s['batch']} here, so this is noise: not worth "
-        "optimising.",
+        f"{copy_conv:.1f} ms is the conv making the (non-dense) patch view dense. Merging the three kernels "
+        f"costs {_total(merge):.2f} ms per call.",
+        f"3. **In a whole train step** ({s['model']}, batch {s['batch']}, default fused form, median of "
+        f"{s['iterations']} profiled steps, {step_total / 1e3:.1f} s under the profiler): Mona's own compute is "
+        f"{compute_f / 1e3:.2f} s of the {forward_total / 1e3:.2f} s forward ({compute_f / forward_total:.0%}) and "
+        f"{compute_b / 1e3:.2f} s of the {backward_total / 1e3:.2f} s backward ({compute_b / backward_total:.0%}); "
+        "the glue around it, i.e. the aten ops `mona_peft` runs outside the adapters (the three residual adds per "
+        f"block), {glue_f:.0f} ms forward + {glue_b:.0f} ms backward. The Python side of the hooks adds about "
+        f"{blocks} × {glue_us:.0f} µs ≈ {blocks * glue_us / 1e3:.0f} ms (finding 4).",
+        f"4. **The glue costs {glue_us:.0f} µs per block call** (median; a 12-block tiny ViT, one thread: the "
+        "wrapped model's forward minus the plain model's and minus its 24 Mona modules called on their own with "
+        "the inputs they got; per-forward costs of the PEFT wrapper are spread over the blocks, and the spread is "
+        f"large at this scale).{idle_text} A ViT-B/16 block's forward takes {block_ms:.0f} ms at batch {s['batch']} "
+        "here, so this is noise: not worth optimising.",
         "5. **What an ideal implementation could reach** (matmul and conv multiply-adds only, counted from the "
         "configs): "
         + (
@@ -166,10 +197,10 @@ def render(
             if swin_bound
             else ""
         ),
-        f"6. **Memory**: in the plain-op version autograd keeps {saved['unfused']:.1f} MiB per Mona module at "
+        f"6. **Memory**: in the plain-op form autograd keeps {saved['unfused']:.1f} MiB per Mona module at "
         "these shapes: three [B, N, C] tensors (x, LN(x) for s1's gradient, the down projection's input) plus the "
-        "m-wide ones. LoRA keeps almost nothing of its own, which is why that version's peak training memory was "
-        "well above LoRA's (see docs/benchmarks.md).",
+        f"m-wide ones; the fused form keeps {saved['fused']:.1f} MiB. LoRA keeps almost nothing of its own, which "
+        "is why the plain-op form's peak training memory is well above LoRA's (see docs/benchmarks.md).",
         "",
         "## One Mona module, stage by stage",
         "",
@@ -180,15 +211,28 @@ def render(
     if figure:
         lines += [f"![stages of one Mona module]({figure})", ""]
     lines += [
-        "Train (forward + backward):",
+        "Plain-op form (`fused=False`), train (forward + backward):",
         "",
         tables["stages_train"],
         "",
-        "Inference (forward, `torch.inference_mode`):",
+        "Plain-op form, inference (forward, `torch.inference_mode`):",
         "",
         tables["stages_inference"],
         "",
-        "Top aten ops (self time), train:",
+    ]
+    if "stages_fused_train" in tables:
+        lines += [
+            "Fused form (`fused=True`, the default), train (forward + backward):",
+            "",
+            tables["stages_fused_train"],
+            "",
+            "Fused form, inference:",
+            "",
+            tables["stages_fused_inference"],
+            "",
+        ]
+    lines += [
+        "Top aten ops (self time), plain-op form, train:",
         "",
         tables["ops_train"],
         "",
@@ -196,16 +240,16 @@ def render(
         "",
         tables["step"],
         "",
-        "## Hooks and context variables",
+        "## Glue per block call",
         "",
         tables["hooks"],
         "",
         "## Optimisations",
         "",
-        "Applied in `src/` (`src/mona_peft/fused.py` and `MonaLayer.mona_delta`); exact up to float rounding, "
-        "checked against the plain-op version in float64 for outputs, input and all 16 parameter gradients, plus "
-        "gradcheck of the new autograd function and a bfloat16-autocast train step, in `tests/test_fused.py`; the "
-        "project's torch.compile and gradient-checkpointing tests run on it:",
+        "In `src/` (`src/mona_peft/fused.py`, used by `MonaAdapter.forward` unless `fused=False`); exact up to "
+        "float rounding, checked against the plain-op form of the same module in float64 for outputs, input and all "
+        "16 parameter gradients, plus gradcheck of the autograd function and a bfloat16-autocast train step, in "
+        "`tests/test_fused.py`:",
         "",
         "1. **Scaled norm + down projection as one autograd function** (`ScaledNormDown`). Forward: LayerNorm with "
         "s1 folded into its affine (two size-C multiplies instead of a [B, N, C] one), an in-place `addcmul` for "
@@ -214,18 +258,20 @@ def render(
         "the input gradient from LayerNorm's own backward kernel plus one `addcmul`. Saves two [B, N, C] "
         f"activations per Mona ({saved['unfused']:.1f} → {saved['fused']:.1f} MiB at these shapes) and replaces "
         "four full-size multiplies, two full-size reductions and an add in backward by one `addcmul`.",
-        "2. **One `split` instead of two slices** for prefix and patch tokens: its backward is one `cat` instead of "
-        "two zero-filled `slice_backward` buffers and their sum.",
-        "3. **Projector skip folded into the 1×1 weight**: `z + Wz + b = (W + I)z + b`, one op less each way.",
+        "2. **One `split` instead of two slices** for prefix and patch tokens (both forms): its backward is one "
+        "`cat` instead of two zero-filled `slice_backward` buffers and their sum.",
+        "3. **Projector skip folded into the 1×1 weight** (both forms): `z + Wz + b = (W + I)z + b`, one op less "
+        "each way.",
         "",
-        "Measured, one module, unfused vs fused (interleaved rounds, median of per-call times; A/A = the "
-        "unfused version against itself):",
+        "Measured, one module, plain ops (`fused=False`) vs fused (interleaved rounds, median of per-call times; "
+        "A/A = the plain-op form against itself):",
         "",
         tables["patch"],
         "",
         tables["saved"],
         "",
-        "Whole model (`speed.py`, Mona next to the earlier version as method `mona_unfused`):",
+        "Whole model (`speed.py`: Mona next to method `mona_unfused`, the same model after "
+        "`set_compute(model, fused=False)`):",
         "",
         *_patch_rows(patch),
         "",
@@ -239,13 +285,13 @@ def render(
         f"({op('linear C -> 128')} vs {op('linear C -> 64 (down projection)')}); the E[x²] − μ² shortcut loses "
         "precision when |mean| ≫ std. `ScaledNormDown` gets the memory saving without either cost.",
         "- *avoiding the prefix-token `cat`*: it copies an m-wide tensor "
-        f"({_total(train[STAGE_CAT]):.1f} ms with the unflatten, forward + backward); every alternative (padding, "
+        f"({_total(cat):.1f} ms with the unflatten, forward + backward); every alternative (padding, "
         "writing into a preallocated buffer) copies as much. The split (item 2) removes the expensive part, which "
         "was on the backward side.",
         "- *hooks/context variables*: a few µs per block (finding 4).",
         "- *caching the merged kernel in eval mode*: the filter alone in eval runs in "
         f"{_ratio_text(fv.get('cached/src'))} of the time with a precomputed kernel, but the merge is "
-        f"{train[STAGE_MERGE]['forward_ms']:.2f} ms of a module's forward. A cache keyed on the parameters' version "
+        f"{merge['forward_ms']:.2f} ms of a module's forward. A cache keyed on the parameters' version "
         "counters goes stale when weights are updated through `.data` (its own version counter): with it, the "
         "project's `test_resumed_run_matches_uninterrupted_run` evaluated bit-identical weights to a different "
         "loss. Not worth the risk.",
@@ -253,9 +299,9 @@ def render(
         "(`once_differentiable`), so double backward through Mona (e.g. gradient penalties) raises an error; no "
         "Mona recipe uses it.",
         "",
-        "Module timings of the fused version at the ViT-B/16 shape above: "
+        "Module timings of the fused form at the ViT-B/16 shape above: "
         f"train {_ratio_text(vit_ratios('train', 'fused'))}, "
-        f"inference {_ratio_text(vit_ratios('inference', 'fused'))} of the unfused one (A/A "
+        f"inference {_ratio_text(vit_ratios('inference', 'fused'))} of the plain-op one (A/A "
         f"{_ratio_text(vit_ratios('train', 'unfused_twin'))} and "
         f"{_ratio_text(vit_ratios('inference', 'unfused_twin'))}).",
     ]

@@ -1,9 +1,20 @@
 """Training-step time, peak memory and inference latency of Mona next to the frozen backbone, full fine-tuning and
 LoRA, all in one run; plus the depthwise filter alone (merged vs three convs).
 
+Methods (``--methods``): ``frozen``, ``full``, ``lora``; ``mona`` (the package as it is, default compute);
+``mona_twin`` (the same again: the A/A pair); ``mona_unfused`` and ``mona_ref``, the same model after
+``mona_peft.set_compute(model, fused=False)`` (plain-op scaled norm + down projection) and
+``set_compute(model, merge_filters=False)`` (three separate depthwise convs), the reference forms kept in the package;
+``mona_single`` and ``mona_mixed``, inference only, a model with two Mona adapters: the batch on one of them
+(``set_adapter``) and the same batch split half and half between them (``model(..., adapter_names=[...])``), the
+cost of a mixed-adapter batch. ``--baseline-rev REV`` adds ``mona_before``: Mona as the package was at git revision
+REV (its ``src/`` extracted with ``git archive`` into a temporary directory and imported by a worker started as a
+fresh interpreter with that directory first on ``sys.path``), measured in the same interleaved rounds as the rest.
+
 How it measures (so that a noisy, shared machine still gives comparable numbers):
 
-* every method lives in its own worker process (forked once per model, after the imports) and keeps its model,
+* every method lives in its own worker process (forked once per model, after the imports; ``mona_before``'s is a
+  fresh interpreter, since two versions of the package cannot share one process) and keeps its model,
   optimizer and inputs; the coordinator asks the workers for one measurement at a time, so only one runs at once;
 * rounds are interleaved: in each round every method is measured once, in a fresh random order; results are reported
   as medians over rounds, and comparisons as the median of the per-round ratios (paired), with their min-max spread;
@@ -20,6 +31,7 @@ How it measures (so that a noisy, shared machine still gives comparable numbers)
 * each worker first runs one untimed warm-up train step and inference at the first batch size.
 
     python -m benchmarks.speed                 # ViT-B/16 and Swin-T at 224 px, batch 8 and 32 (~25 min on 2 cores)
+    python -m benchmarks.speed --baseline-rev d706065   # ... and the code of that revision as method mona_before
     python -m benchmarks.speed --quick         # tiny models, batch 2, two rounds (smoke test, seconds)
     python -m benchmarks.speed --device cuda   # bf16 autocast + torch.compile variants (untested: no GPU here)
 """
@@ -28,11 +40,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import io
 import multiprocessing as mp
 import os
 import random
 import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 import traceback
 from collections.abc import Iterable, Sequence
@@ -45,11 +62,12 @@ import torch.nn.functional as F
 import transformers  # noqa: F401
 from torch import nn
 
-import mona_peft  # noqa: F401  (registers the "mona" PEFT method)
+import mona_peft  # (registers the "mona" PEFT method; in mona_before's worker, the baseline revision's package)
 from benchmarks import memory
 from benchmarks.common import (
     HEAD,
     MODELS,
+    REPO,
     build_classifier,
     load_average,
     lora_config,
@@ -63,13 +81,39 @@ METHOD_LABELS = {
     "full": "full fine-tuning",
     "lora": "LoRA r=16 q/v",
     "mona": "Mona (merged filter)",
-    "mona_ref": "Mona (three-conv reference)",
+    "mona_ref": "Mona, three separate convs (merge_filters=False)",
     "mona_twin": "Mona, second copy (A/A)",
-    "mona_unfused": "Mona, unfused norm + down (before)",
+    "mona_unfused": "Mona, plain-op norm + down (fused=False)",
+    "mona_before": "Mona before (baseline revision)",  # the revision is added to the label at run time
+    "mona_single": "Mona, 2 adapters, batch on one",
+    "mona_mixed": "Mona, 2 adapters, mixed batch (half each)",
 }
-TRAIN_METHODS = ("full", "lora", "mona", "mona_ref", "mona_twin", "mona_unfused")
-INFERENCE_METHODS = ("frozen", "lora", "mona", "mona_ref", "mona_twin", "mona_unfused")
-DEFAULT_METHODS = ("frozen", "full", "lora", "mona", "mona_ref", "mona_twin", "mona_unfused")
+TRAIN_METHODS = ("full", "lora", "mona", "mona_ref", "mona_twin", "mona_unfused", "mona_before")
+INFERENCE_METHODS = (
+    "frozen",
+    "lora",
+    "mona",
+    "mona_ref",
+    "mona_twin",
+    "mona_unfused",
+    "mona_before",
+    "mona_single",
+    "mona_mixed",
+)
+DEFAULT_METHODS = (
+    "frozen",
+    "full",
+    "lora",
+    "mona",
+    "mona_ref",
+    "mona_twin",
+    "mona_unfused",
+    "mona_single",
+    "mona_mixed",
+)
+# The two adapters of mona_single / mona_mixed; the mixed batch is the first half on one, the second half on the other.
+# (Not "a"/"b": PEFT warns about adapter names contained in the parameter prefix "mona_".)
+MIXED_ADAPTERS = ("first", "second")
 NUM_LABELS = 1000
 STAT_KEYS = ("seconds", "cpu_seconds", "peak_mib", "step_mib", "cpu_util")
 
@@ -84,6 +128,9 @@ TIME_PAIRS = {
         ("mona", "mona_unfused"),
         ("mona_unfused", "lora"),
         ("mona_unfused", "full"),
+        ("mona", "mona_before"),
+        ("mona_before", "lora"),
+        ("mona_before", "full"),
     ],
     "inference": [
         ("mona", "frozen"),
@@ -92,6 +139,11 @@ TIME_PAIRS = {
         ("mona_twin", "mona"),
         ("mona", "mona_unfused"),
         ("mona_unfused", "frozen"),
+        ("mona", "mona_before"),
+        ("mona_before", "frozen"),
+        ("mona_mixed", "mona_single"),
+        ("mona_single", "mona"),
+        ("mona_mixed", "frozen"),
     ],
 }
 MEMORY_PAIRS = [
@@ -102,6 +154,8 @@ MEMORY_PAIRS = [
     ("mona_twin", "mona"),
     ("mona", "mona_unfused"),
     ("mona_unfused", "lora"),
+    ("mona", "mona_before"),
+    ("mona_before", "lora"),
 ]
 
 
@@ -167,15 +221,24 @@ class MethodBench:
             model.requires_grad_(False)
         elif base_method == "lora":
             model = peft.get_peft_model(model, lora_config(model, modules_to_save=[HEAD]))
+        elif base_method in ("mona_single", "mona_mixed"):
+            first, second = MIXED_ADAPTERS
+            model = peft.get_peft_model(model, mona_config(modules_to_save=[HEAD]), adapter_name=first)
+            model.add_adapter(second, mona_config(modules_to_save=[HEAD]))
+            model.set_adapter(first)  # mona_single runs every sample through it; mona_mixed routes per sample
         elif base_method.startswith("mona"):
-            if base_method == "mona_unfused":
-                from benchmarks.unfused import install
+            # mona_before: the same call, in a worker whose mona_peft is the baseline revision's
+            model = peft.get_peft_model(model, mona_config(modules_to_save=[HEAD]))
+            if base_method in ("mona_unfused", "mona_ref"):
+                from mona_peft import set_compute
 
-                install()
-            config = mona_config(merge_filters=base_method != "mona_ref", modules_to_save=[HEAD])
-            model = peft.get_peft_model(model, config)
+                if base_method == "mona_unfused":
+                    set_compute(model, fused=False)
+                else:
+                    set_compute(model, merge_filters=False)
         elif base_method != "full":
             raise ValueError(f"unknown method {method!r}")
+        self.mixed = base_method == "mona_mixed"
         self.model = model.to(self.device)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=1e-4) if self.trainable else None
@@ -183,11 +246,30 @@ class MethodBench:
         self.inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def info(self) -> dict[str, Any]:
+        # How the Mona adapters compute, read from the modules (none for the other methods; a baseline revision
+        # without MonaAdapter reports none either).
+        compute = sorted(
+            {
+                f"fused={m.fused}, merge_filters={m.merge_filters}"
+                for m in self.model.modules()
+                if type(m).__name__ == "MonaAdapter"
+            }
+        )
         return {
             "trainable_params": sum(p.numel() for p in self.trainable),
             "total_params": sum(p.numel() for p in self.model.parameters()),
             "rss_after_build_mib": memory.rss_mib(),
+            "mona_peft_file": mona_peft.__file__,
+            "mona_adapters": sum(type(m).__name__ == "MonaAdapter" for m in self.model.modules()),
+            "mona_compute": compute,
         }
+
+    def _adapter_names(self, batch: int) -> list[str] | None:
+        """mona_mixed: the first half of the batch on one adapter, the rest on the other."""
+        if not self.mixed:
+            return None
+        first, second = MIXED_ADAPTERS
+        return [first] * (batch // 2) + [second] * (batch - batch // 2)
 
     def _batch(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         if batch not in self.inputs:
@@ -214,8 +296,10 @@ class MethodBench:
 
     def _inference(self, pixels: torch.Tensor) -> None:
         self.model.eval()
+        names = self._adapter_names(pixels.shape[0])
+        extra = {} if names is None else {"adapter_names": names}
         with torch.inference_mode(), self._autocast():
-            self.forward(pixel_values=pixels)
+            self.forward(pixel_values=pixels, **extra)
 
     def measure(self, kind: str, batch: int, trim_before: bool, trim_after: bool) -> dict[str, Any]:
         """Time one train step or one inference and record its peak memory.
@@ -257,8 +341,16 @@ class MethodBench:
         }
 
 
-def _worker_main(conn: Any, model_key: str, method: str, device: str, threads: int, seed: int) -> None:
+def _worker_main(
+    conn: Any, model_key: str, method: str, device: str, threads: int, seed: int, package_dir: str | None = None
+) -> None:
+    """Serve measurements of one method. ``package_dir``: the directory mona_peft must have been imported from (a
+    baseline revision's ``src``), checked before anything is built."""
     try:
+        if package_dir is not None and not Path(mona_peft.__file__).resolve().is_relative_to(
+            Path(package_dir).resolve()
+        ):
+            raise RuntimeError(f"{method} should run mona_peft from {package_dir}, got {mona_peft.__file__}")
         torch.set_num_threads(threads)
         allocator_fixed = memory.fix_allocator_policy() if not device.startswith("cuda") else False
         bench = MethodBench(model_key, method, device, seed)
@@ -276,16 +368,49 @@ def _worker_main(conn: Any, model_key: str, method: str, device: str, threads: i
         conn.close()
 
 
-class Worker:
-    """Handle on a worker process that holds one method."""
+# A baseline worker is a fresh interpreter that puts the baseline's src first on sys.path before anything imports
+# peft (whose import pulls in mona_peft through the package's start-up auto-registration) or mona_peft.
+_BASELINE_BOOTSTRAP = """
+import sys
+fd, src, model_key, method, device, threads, seed = sys.argv[1:]
+sys.path.insert(0, src)
+from multiprocessing.connection import Connection
+from benchmarks.speed import _worker_main
+_worker_main(Connection(int(fd)), model_key, method, device, int(threads), int(seed), package_dir=src)
+"""
 
-    def __init__(self, ctx: Any, model_key: str, method: str, device: str, threads: int, seed: int) -> None:
+
+class Worker:
+    """Handle on a worker process that holds one method.
+
+    ``baseline_src``: run the method on the mona_peft found in this directory (a baseline revision's ``src``), in a
+    fresh interpreter (``subprocess``) rather than a ``multiprocessing`` child, whose imports come from this process.
+    """
+
+    def __init__(
+        self,
+        ctx: Any,
+        model_key: str,
+        method: str,
+        device: str,
+        threads: int,
+        seed: int,
+        baseline_src: str | None = None,
+    ) -> None:
         self.method = method
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(
-            target=_worker_main, args=(child, model_key, method, device, threads, seed), daemon=True
-        )
-        self.process.start()
+        self.process: Any
+        if baseline_src is None:
+            self.process = ctx.Process(
+                target=_worker_main, args=(child, model_key, method, device, threads, seed), daemon=True
+            )
+            self.process.start()
+        else:
+            fd = child.fileno()
+            args = [str(fd), baseline_src, model_key, method, device, str(threads), str(seed)]
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", _BASELINE_BOOTSTRAP, *args], cwd=REPO, pass_fds=(fd,)
+            )
         child.close()
         self.info: dict[str, Any] = {}
 
@@ -311,6 +436,13 @@ class Worker:
     def stop(self) -> None:
         with contextlib.suppress(BrokenPipeError, OSError):
             self.conn.send(None)
+        if isinstance(self.process, subprocess.Popen):
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.terminate()
+                self.process.wait(timeout=30)
+            return
         self.process.join(timeout=30)
         if self.process.is_alive():
             self.process.terminate()
@@ -329,14 +461,19 @@ def run_model(
     seed: int,
     ctx: Any,
     ref_max_batch: int | None = None,
+    baseline_src: str | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """All measurements of one model: warm-up, then interleaved rounds at each batch size.
 
-    ``mona_ref`` is measured only at batch sizes up to ``ref_max_batch`` (all when None).
+    ``mona_ref`` is measured only at batch sizes up to ``ref_max_batch`` (all when None); ``mona_before`` runs the
+    package found in ``baseline_src``.
     """
     rng = random.Random(seed)
     started = time.perf_counter()
-    workers = {m: Worker(ctx, model_key, m, device, threads, seed) for m in methods}
+    workers = {
+        m: Worker(ctx, model_key, m, device, threads, seed, baseline_src if m.split("+")[0] == "mona_before" else None)
+        for m in methods
+    }
     try:
         for w in workers.values():
             w.ready()
@@ -463,7 +600,7 @@ def summarize_config(config: dict, records: list[dict]) -> dict:
 def filter_benchmark(batch: int, bottleneck: int, grid: int, rounds: int, inner: int, seed: int) -> dict[str, Any]:
     """Merged vs three-conv filter at one shape: forward (no grad) and forward + backward, interleaved rounds.
 
-    The input is laid out exactly as ``MonaLayer.mona_delta`` hands it to the filter: the patch tokens of a
+    The input is laid out exactly as ``MonaAdapter.forward`` hands it to the filter: the patch tokens of a
     [B, 1 + H*W, m] tensor, transposed to [B, m, H, W] (a channels-last view, no copy).
     """
     from mona_peft.filters import merged_filter, reference_filter
@@ -488,7 +625,7 @@ def filter_benchmark(batch: int, bottleneck: int, grid: int, rounds: int, inner:
 
     results: dict[str, Any] = {
         "shape": {"batch": batch, "bottleneck": bottleneck, "height": grid, "width": grid},
-        "input_layout": "channels-last view of the token tensor, as in mona_delta",
+        "input_layout": "channels-last view of the token tensor, as in MonaAdapter.forward",
         "rounds": rounds,
         "calls_per_measurement": inner,
         "measurement": "median of the calls' wall times",
@@ -538,6 +675,59 @@ def run_filter(ctx: Any, threads: int, **kwargs: Any) -> dict[str, Any]:
     return reply["result"]
 
 
+# ------------------------------------------------------------------------------------------- the baseline's code
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"git {' '.join(args)} failed: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def _describe_head() -> str | None:
+    """The checkout's commit, and whether ``src/`` differs from it (the code the ``mona`` methods run)."""
+    try:
+        head = _git("rev-parse", "--short", "HEAD")
+        dirty = _git("status", "--porcelain", "src")
+    except (OSError, RuntimeError):
+        return None
+    return head + (" + uncommitted changes in src/" if dirty else "")
+
+
+def extract_baseline(rev: str, into: Path) -> dict[str, Any]:
+    """Write ``src/`` as it was at git revision ``rev`` under ``into`` (``git archive``, nothing else in the checkout
+    changes) and describe it; the package is then importable from ``into / "src"``."""
+    commit = _git("rev-parse", "--verify", f"{rev}^{{commit}}")
+    subject, date = _git("log", "-1", "--format=%s%n%cI", commit).split("\n", 1)
+    archive = subprocess.run(["git", "archive", "--format=tar", commit, "src"], cwd=REPO, capture_output=True)
+    if archive.returncode != 0:
+        raise RuntimeError(f"git archive {commit} src failed: {archive.stderr.decode(errors='replace').strip()}")
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(into, filter="data")
+    src = into / "src"
+    if not (src / "mona_peft" / "__init__.py").is_file():
+        raise RuntimeError(f"revision {rev} ({commit[:7]}) has no src/mona_peft package")
+    return {
+        "rev": rev,
+        "commit": commit,
+        "short": commit[:7],
+        "subject": subject[:200],
+        "date": date,
+        "mona_peft_sha256": package_digest(src / "mona_peft"),
+        "how": "git archive of src/ into a temporary directory; the worker is a fresh interpreter with that "
+        "directory first on sys.path",
+    }
+
+
+def package_digest(package: Path) -> str:
+    """SHA-256 over the package's Python files (relative path and content), to tell which code a result is of."""
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 # ------------------------------------------------------------------------------------------------------- targets
 
 
@@ -579,18 +769,22 @@ def _target(
     return entry
 
 
-def evaluate_targets(summaries: list[dict], filter_result: dict | None, target_model: str) -> list[dict]:
-    """The issue's targets, checked on the medians of the paired ratios."""
+def evaluate_targets(
+    summaries: list[dict], filter_result: dict | None, target_model: str, before: str = "before"
+) -> list[dict]:
+    """The issue's targets, checked on the medians of the paired ratios: Mona's (and, with a baseline revision, the
+    baseline's, labelled ``Mona <before>``) against LoRA, full fine-tuning and the frozen model on ``target_model``;
+    no regression of Mona against the baseline on every model and batch; merged filter against three convs."""
     targets = []
     for s in summaries:
         scope = f"{s['model_name']}, batch {s['batch']}"
         tr, ir, mem = s["train_time_ratios"], s["inference_time_ratios"], s["train_peak_ratios"]
         tc, ic = s["train_cpu_ratios"], s["inference_cpu_ratios"]
         aa_train, aa_inf, aa_mem = tr.get("mona_twin/mona"), ir.get("mona_twin/mona"), mem.get("mona_twin/mona")
-        for mona in ("mona", "mona_unfused"):
+        for mona in ("mona", "mona_before"):
             if s["model"] != target_model or f"{mona}/lora" not in tr:
                 continue
-            label = "Mona" if mona == "mona" else "Mona, unfused (before)"
+            label = "Mona" if mona == "mona" else f"Mona {before}"
             targets += [
                 _target(
                     f"{label} train step <= 1.05 x LoRA",
@@ -623,6 +817,38 @@ def evaluate_targets(summaries: list[dict], filter_result: dict | None, target_m
                     ic.get(f"{mona}/frozen"),
                 ),
             ]
+        if "mona/mona_before" in tr:
+            targets += [
+                _target(
+                    f"no regression: Mona / Mona {before}, train step <= 1.00",
+                    scope,
+                    tr.get("mona/mona_before"),
+                    1.0,
+                    aa_train,
+                    "max",
+                    tc.get("mona/mona_before"),
+                ),
+                _target(
+                    f"no regression: Mona / Mona {before}, peak train memory <= 1.00",
+                    scope,
+                    mem.get("mona/mona_before"),
+                    1.0,
+                    aa_mem,
+                    "max",
+                ),
+            ]
+        if "mona/mona_before" in ir:
+            targets.append(
+                _target(
+                    f"no regression: Mona / Mona {before}, inference <= 1.00",
+                    scope,
+                    ir.get("mona/mona_before"),
+                    1.0,
+                    aa_inf,
+                    "max",
+                    ic.get("mona/mona_before"),
+                )
+            )
         if "mona/mona_ref" in tr:
             targets += [
                 _target(
@@ -689,7 +915,16 @@ def main(argv: Iterable[str] | None = None) -> dict[str, Any]:
         choices=("fork", "spawn"),
         default=None,
         help="how workers start: fork (default on Linux CPU: shares the imports) needs a caller that has not run "
-        "parallel torch ops yet (GNU OpenMP hangs in a forked child), which the command line guarantees",
+        "parallel torch ops yet (GNU OpenMP hangs in a forked child), which the command line guarantees; spawn "
+        "(default with --baseline-rev, and on CUDA): every worker a fresh interpreter, as mona_before's must be, so "
+        "that all start from the same memory",
+    )
+    parser.add_argument(
+        "--baseline-rev",
+        default=None,
+        metavar="REV",
+        help="also measure method mona_before: Mona as the package was at this git revision (e.g. d706065, the "
+        "commit before the Mona layer v2 rewrite), in the same interleaved rounds",
     )
     parser.add_argument(
         "--ref-max-batch",
@@ -709,10 +944,12 @@ def main(argv: Iterable[str] | None = None) -> dict[str, Any]:
     rounds = args.rounds or ([2] * len(batches) if args.quick else [8, 2][: len(batches)] + [2] * (len(batches) - 2))
     if len(rounds) != len(batches):
         parser.error("--rounds needs one value per batch size")
-    methods = list(dict.fromkeys(args.methods))
+    methods = list(dict.fromkeys([*args.methods, *(["mona_before"] if args.baseline_rev else [])]))
     unknown = [m for m in methods if m not in METHOD_LABELS]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {list(METHOD_LABELS)}")
+    if "mona_before" in methods and not args.baseline_rev:
+        parser.error("method mona_before needs --baseline-rev")
     cuda = args.device.startswith("cuda")
     if cuda:
         if not torch.cuda.is_available():
@@ -720,10 +957,34 @@ def main(argv: Iterable[str] | None = None) -> dict[str, Any]:
         if hasattr(torch, "compile"):
             methods += [f"{m}+compile" for m in methods if m != "mona_twin"]
     threads = args.threads or (1 if args.quick else torch.get_num_threads())
-    # fork shares the imports (workers start in a second); CUDA cannot be forked, so it spawns.
-    ctx = mp.get_context(args.start_method or ("fork" if not cuda and sys.platform == "linux" else "spawn"))
+    # fork shares the imports (workers start in a second); CUDA cannot be forked, so it spawns. With a baseline,
+    # whose worker must be a fresh interpreter, every worker is one, so that none starts with a different heap.
+    fork = not cuda and sys.platform == "linux" and not args.baseline_rev
+    ctx = mp.get_context(args.start_method or ("fork" if fork else "spawn"))
 
+    with tempfile.TemporaryDirectory(prefix="mona_baseline_") as scratch:
+        baseline = extract_baseline(args.baseline_rev, Path(scratch)) if args.baseline_rev else None
+        return _run(args, models, batches, rounds, methods, threads, ctx, cuda, baseline, Path(scratch) / "src")
+
+
+def _run(
+    args: argparse.Namespace,
+    models: list[str],
+    batches: list[int],
+    rounds: list[int],
+    methods: list[str],
+    threads: int,
+    ctx: Any,
+    cuda: bool,
+    baseline: dict[str, Any] | None,
+    baseline_src: Path,
+) -> dict[str, Any]:
     started = time.perf_counter()
+    labels = {m: METHOD_LABELS[m.split("+")[0]] + (" + compile" if "+" in m else "") for m in methods}
+    before = f"before ({baseline['short']})" if baseline else "before"
+    for m in methods:
+        if m.split("+")[0] == "mona_before":
+            labels[m] = labels[m].replace("before (baseline revision)", before)
     payload: dict[str, Any] = {
         "benchmark": "speed",
         "quick": args.quick,
@@ -731,7 +992,7 @@ def main(argv: Iterable[str] | None = None) -> dict[str, Any]:
         "settings": {
             "models": models,
             "methods": methods,
-            "method_labels": {m: METHOD_LABELS[m.split("+")[0]] + (" + compile" if "+" in m else "") for m in methods},
+            "method_labels": labels,
             "batches": batches,
             "rounds": rounds,
             "threads_per_worker": threads,
@@ -742,6 +1003,17 @@ def main(argv: Iterable[str] | None = None) -> dict[str, Any]:
             "memory_method": "torch.cuda.max_memory_allocated per step" if cuda else memory.method_description(),
             "seed": args.seed,
             "ref_max_batch": args.ref_max_batch or None,
+            "mixed_batch": {
+                "adapters": list(MIXED_ADAPTERS),
+                "how": "inference on a model with two Mona adapters: mona_single = the batch on the first "
+                "(set_adapter), mona_mixed = model(pixel_values, adapter_names=[first half, second half])",
+            },
+            "current_code": {
+                "git": _describe_head(),
+                "mona_peft_file": mona_peft.__file__,
+                "mona_peft_sha256": package_digest(Path(mona_peft.__file__).parent),
+            },
+            "baseline": baseline,
         },
     }
     print(f"speed benchmark: {models} x batches {batches} x rounds {rounds}, methods {methods}", flush=True)
@@ -756,7 +1028,16 @@ def main(argv: Iterable[str] | None = None) -> dict[str, Any]:
     configs: list[dict] = []
     for key in models:
         got, conf = run_model(
-            key, methods, batches, rounds, args.device, threads, args.seed, ctx, args.ref_max_batch or None
+            key,
+            methods,
+            batches,
+            rounds,
+            args.device,
+            threads,
+            args.seed,
+            ctx,
+            args.ref_max_batch or None,
+            str(baseline_src) if baseline else None,
         )
         records += got
         configs += conf
@@ -773,7 +1054,7 @@ def main(argv: Iterable[str] | None = None) -> dict[str, Any]:
         {
             "configs": summaries,
             "filter": filter_result,
-            "targets": evaluate_targets(summaries, filter_result, "tiny-vit" if args.quick else "vit-b"),
+            "targets": evaluate_targets(summaries, filter_result, "tiny-vit" if args.quick else "vit-b", before),
             "records": records,
             "load_average_at_end": load_average(),
             "seconds": round(time.perf_counter() - started, 1),

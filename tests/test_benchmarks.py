@@ -1,8 +1,11 @@
 """Smoke tests of the benchmark scripts (not timed tests): they run with ``--quick``, write the JSON they promise,
-params reproduces the official Swin-L count and the report renders."""
+params reproduces the official Swin-L count, speed runs every method (including a baseline git revision in its own
+interpreter and a mixed-adapter batch), the profile's instrumented copy of Mona computes what Mona computes, the
+benchmarks use only mona_peft's public API, and the report renders."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -17,18 +20,43 @@ if str(REPO) not in sys.path:  # `pytest` (unlike `python -m pytest`) does not p
     sys.path.insert(0, str(REPO))
 
 STATS = {"n", "median", "q1", "q3", "min", "max"}
+# The last commit before the Mona layer v2 rewrite: the speed benchmark's baseline. A checkout without it (a shallow
+# clone) uses HEAD, which exercises the same machinery.
+BEFORE_REWRITE = "d706065"
+
+
+def _baseline_rev() -> str | None:
+    def exists(rev: str) -> bool:
+        done = subprocess.run(["git", "cat-file", "-e", f"{rev}^{{commit}}"], cwd=REPO, capture_output=True)
+        return done.returncode == 0
+
+    try:
+        return next((rev for rev in (BEFORE_REWRITE, "HEAD") if exists(rev)), None)
+    except OSError:  # no git
+        return None
+
+
+@pytest.fixture(scope="module")
+def quick_params(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """params.py --quick, in-process."""
+    from benchmarks import params
+
+    results = tmp_path_factory.mktemp("params")
+    params.main(["--quick", "--results-dir", str(results)])
+    return results
 
 
 @pytest.fixture(scope="module")
 def quick_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """params.py in-process and speed.py in a subprocess (it forks workers), both with --quick."""
-    from benchmarks import params
-
+    """speed.py --quick in a subprocess (it forks workers), with a baseline revision when this is a git checkout (fork
+    for the other workers, to keep the smoke test short)."""
     results = tmp_path_factory.mktemp("results")
-    params.main(["--quick", "--results-dir", str(results)])
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "benchmarks.speed", "--quick", "--results-dir", str(results)]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    rev = _baseline_rev()
+    if rev is not None:
+        command += ["--baseline-rev", rev, "--start-method", "fork"]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return results
 
@@ -38,8 +66,8 @@ def _machine_ok(machine: dict) -> None:
         assert machine.get(key), key
 
 
-def test_params_reproduces_the_official_counts(quick_results: Path) -> None:
-    data = json.loads((quick_results / "params_quick.json").read_text())
+def test_params_reproduces_the_official_counts(quick_params: Path) -> None:
+    data = json.loads((quick_params / "params_quick.json").read_text())
     _machine_ok(data["machine"])
     models = {m["key"]: m for m in data["models"]}
     swin_l = models["swin-l"]
@@ -64,22 +92,26 @@ def test_speed_json_has_the_expected_structure(quick_results: Path) -> None:
     _machine_ok(data["machine"])
     settings = data["settings"]
     methods = set(settings["methods"])
-    assert methods == {"frozen", "full", "lora", "mona", "mona_ref", "mona_twin", "mona_unfused"}
+    baseline = settings["baseline"]
+    expected = {"frozen", "full", "lora", "mona", "mona_ref", "mona_twin", "mona_unfused", "mona_single", "mona_mixed"}
+    assert methods == expected | ({"mona_before"} if baseline else set())
     assert settings["memory_method"]
     assert len(data["configs"]) == len(settings["models"]) * len(settings["batches"])
+    inference_only = {"frozen", "mona_single", "mona_mixed"}
     for config in data["configs"]:
-        assert set(config["train"]) == methods - {"frozen"}
+        assert set(config["train"]) == methods - inference_only
         assert set(config["inference"]) == methods - {"full"}
         for kind in ("train", "inference"):
             for stats in config[kind].values():
                 for key in ("seconds", "cpu_seconds", "peak_mib", "step_mib"):
                     assert set(stats[key]) == STATS and stats[key]["n"] == config["rounds"]
                 assert stats["seconds"]["median"] > 0 and stats["peak_mib"]["median"] > 0
-        for name in ("mona/lora", "mona/full", "mona/mona_ref", "mona_twin/mona"):
+        for name in ("mona/lora", "mona/full", "mona/mona_ref", "mona_twin/mona", "mona/mona_unfused"):
             ratio = config["train_time_ratios"][name]
             assert len(ratio["values"]) == config["rounds"] and ratio["median"] > 0
-        for name in ("mona/frozen", "mona_twin/mona"):
-            assert config["inference_time_ratios"][name]["median"] > 0
+        for name in ("mona/frozen", "mona_twin/mona", "mona_mixed/mona_single", "mona_single/mona"):
+            ratio = config["inference_time_ratios"][name]
+            assert len(ratio["values"]) == config["rounds"] and ratio["median"] > 0
         assert config["train_peak_ratios"]["mona/lora"]["median"] > 0
     records = data["records"]
     assert len(records) == sum(c["rounds"] * (len(c["train"]) + len(c["inference"])) for c in data["configs"])
@@ -90,22 +122,187 @@ def test_speed_json_has_the_expected_structure(quick_results: Path) -> None:
     assert all(t["status"] in ("met", "missed") for t in data["targets"])
 
 
-def test_report_renders_tables_and_plots(quick_results: Path, tmp_path: Path) -> None:
+def test_speed_methods_run_the_code_they_claim(quick_results: Path) -> None:
+    """Each method's worker reports how its adapters compute and where its mona_peft came from."""
+    data = json.loads((quick_results / "speed_quick.json").read_text())
+    current = data["settings"]["current_code"]
+    import mona_peft
+
+    assert current["mona_peft_file"] == mona_peft.__file__ and len(current["mona_peft_sha256"]) == 64
+    for config in data["configs"]:
+        workers = config["workers"]
+        for method in ("frozen", "full", "lora", "mona", "mona_ref", "mona_unfused", "mona_single", "mona_mixed"):
+            assert workers[method]["mona_peft_file"] == current["mona_peft_file"], method
+        for method in ("frozen", "full", "lora"):
+            assert workers[method]["mona_adapters"] == 0
+        adapters = workers["mona"]["mona_adapters"]
+        assert adapters > 0 and adapters % 2 == 0  # two positions per block
+        # set_compute reached every adapter of the model, and only the flag it was asked to change
+        assert (
+            workers["mona"]["mona_compute"]
+            == workers["mona_twin"]["mona_compute"]
+            == ["fused=True, merge_filters=True"]
+        )
+        assert workers["mona_unfused"]["mona_compute"] == ["fused=False, merge_filters=True"]
+        assert workers["mona_ref"]["mona_compute"] == ["fused=True, merge_filters=False"]
+        # the mixed-batch model holds a second adapter: twice the modules, same compute
+        for method in ("mona_single", "mona_mixed"):
+            assert workers[method]["mona_adapters"] == 2 * adapters
+            assert workers[method]["mona_compute"] == ["fused=True, merge_filters=True"]
+        # ... and its second adapter (and head) are trainable parameters of their own
+        assert workers["mona_mixed"]["total_params"] > workers["mona"]["total_params"]
+
+
+def test_speed_baseline_revision_runs_in_its_own_interpreter(quick_results: Path) -> None:
+    data = json.loads((quick_results / "speed_quick.json").read_text())
+    baseline = data["settings"]["baseline"]
+    if baseline is None:
+        pytest.skip("not a git checkout: no baseline revision to measure")
+    done = subprocess.run(["git", "rev-parse", f"{baseline['rev']}^{{commit}}"], cwd=REPO, capture_output=True)
+    assert baseline["commit"] == done.stdout.decode().strip() and baseline["short"] == baseline["commit"][:7]
+    assert data["settings"]["method_labels"]["mona_before"] == f"Mona before ({baseline['short']})"
+    src = str(REPO / "src")
+    for config in data["configs"]:
+        worker = config["workers"]["mona_before"]
+        # the baseline's package, from the extracted revision, not this checkout's src/
+        assert "mona_baseline_" in worker["mona_peft_file"] and not worker["mona_peft_file"].startswith(src)
+        assert worker["trainable_params"] == config["workers"]["mona"]["trainable_params"]
+        for kind in ("train", "inference"):
+            ratio = config[f"{kind}_time_ratios"]["mona/mona_before"]
+            assert len(ratio["values"]) == config["rounds"] and ratio["median"] > 0
+        assert config["train_peak_ratios"]["mona/mona_before"]["median"] > 0
+        if baseline["rev"] == BEFORE_REWRITE:
+            assert worker["mona_adapters"] == 0  # no MonaAdapter before the rewrite
+    if baseline["rev"] == BEFORE_REWRITE:
+        assert baseline["mona_peft_sha256"] != data["settings"]["current_code"]["mona_peft_sha256"]
+    targets = {t["target"] for t in data["targets"]}
+    label = f"Mona before ({baseline['short']})"
+    assert f"{label} train step <= 1.05 x LoRA" in targets
+    assert f"no regression: Mona / {label}, train step <= 1.00" in targets
+
+
+def test_speed_refuses_mona_before_without_a_revision() -> None:
+    from benchmarks import speed
+
+    with pytest.raises(SystemExit):
+        speed.main(["--quick", "--methods", "mona,mona_before"])
+
+
+def test_report_renders_tables_and_plots(quick_params: Path, quick_results: Path, tmp_path: Path) -> None:
     from benchmarks import report
 
     results = tmp_path / "results"
     results.mkdir()
-    shutil.copy(quick_results / "params_quick.json", results / "params.json")
+    shutil.copy(quick_params / "params_quick.json", results / "params.json")
     shutil.copy(quick_results / "speed_quick.json", results / "speed.json")
     docs = tmp_path / "docs"
     path = report.render_benchmarks(results, docs)
     text = path.read_text()
     assert "5,267,712" in text and "Mona, second copy (A/A)" in text and "Command: `python -m benchmarks.speed" in text
+    assert "### Mixed-adapter batches" in text and "| mixed / one adapter |" in text
+    assert "### What the fused norm + down projection buys" in text and "set_compute(model, fused=False)" in text
+    speed = json.loads((results / "speed.json").read_text())
+    if speed["settings"]["baseline"]:
+        assert f"### Before and after: Mona now against Mona at {speed['settings']['baseline']['short']}" in text
     for png in ("params_share.png", "speed.png", "speed_targets.png"):
         assert (docs / png).stat().st_size > 1000
 
 
-@pytest.mark.slow  # ~20 s on an idle 2-core machine, over a minute on a loaded one
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("merge_filters", [True, False])
+@pytest.mark.parametrize(("prefix_tokens", "num_prefix"), [("tokenwise", 1), ("unchanged", 2), ("tokenwise", 0)])
+def test_profile_staged_copy_is_the_adapter(
+    fused: bool, merge_filters: bool, prefix_tokens: str, num_prefix: int
+) -> None:
+    """The profile's instrumented copy of MonaAdapter.forward gives bit-identical results and records exactly the
+    stages it announces, in order, for every form of the adapter."""
+    import torch
+    from benchmarks.profile_mona import check_staged, staged_forward, stages_of
+    from torch.profiler import ProfilerActivity, profile
+
+    from mona_peft import MonaAdapter
+
+    torch.manual_seed(0)
+    adapter = MonaAdapter(16, bottleneck_dim=8, prefix_tokens=prefix_tokens, init_weights="official")
+    adapter.fused, adapter.merge_filters = fused, merge_filters
+    x = torch.randn(2, num_prefix + 12, 16)
+    check_staged(adapter, x, (3, 4), num_prefix)  # raises on any difference
+    assert adapter.training  # check_staged compares in eval mode (no dropout) and gives the mode back
+    adapter.eval()
+    with torch.no_grad():
+        assert torch.equal(staged_forward(adapter, x, (3, 4), num_prefix), adapter(x, (3, 4), num_prefix))
+    labels = stages_of(adapter, num_prefix)
+    with profile(activities=[ProfilerActivity.CPU]) as prof, torch.no_grad():
+        staged_forward(adapter, x, (3, 4), num_prefix)
+    recorded = [e.name for e in sorted(prof.events(), key=lambda e: e.time_range.start) if e.name in labels]
+    assert recorded == list(labels)
+
+
+def test_profile_and_report_agree_on_stage_names() -> None:
+    from benchmarks import profile_mona, profile_report
+
+    for name in dir(profile_report):
+        if name.startswith(("STAGE_", "GLUE_")):
+            assert getattr(profile_report, name) == getattr(profile_mona, name), name
+
+
+def _public_api_violations(path: Path) -> list[str]:
+    """Uses of mona_peft's private names, and monkeypatching of what was imported from mona_peft, in one file."""
+    tree = ast.parse(path.read_text())
+    imported: set[str] = set()
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mona_peft"):
+            for alias in node.names:
+                if alias.name.startswith("_") or (node.module or "").split(".")[-1].startswith("_"):
+                    found.append(f"line {node.lineno}: imports {node.module}.{alias.name}")
+                imported.add(alias.asname or alias.name)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("mona_peft"):
+                    imported.add((alias.asname or alias.name).split(".")[0])
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            root = node.value
+            while isinstance(root, ast.Attribute):  # mona_peft.layer.X -> mona_peft
+                root = root.value
+            if not (isinstance(root, ast.Name) and root.id in imported):
+                continue
+            private = node.attr.startswith("_") and not (node.attr.startswith("__") and node.attr.endswith("__"))
+            if private:
+                found.append(f"line {node.lineno}: {ast.unparse(node)}")
+            if isinstance(node.ctx, ast.Store | ast.Del):
+                found.append(f"line {node.lineno}: assigns {ast.unparse(node)}")
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("setattr", "delattr")
+            and node.args
+            and isinstance(node.args[0], ast.Name)
+            and node.args[0].id in imported
+        ):
+            found.append(f"line {node.lineno}: {node.func.id}({node.args[0].id}, ...)")
+    return found
+
+
+def test_benchmarks_use_only_public_api() -> None:
+    """Acceptance of "Mona layer v2": no benchmark reaches into mona_peft's private names or patches its classes."""
+    files = sorted((REPO / "benchmarks").glob("*.py"))
+    assert files and not (REPO / "benchmarks" / "unfused.py").exists()
+    violations = {f.name: found for f in files if (found := _public_api_violations(f))}
+    assert violations == {}
+
+
+def test_public_api_check_catches_patching(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "from mona_peft.layer import MonaLayer\nimport mona_peft\n"
+        "MonaLayer.forward = None\nsetattr(MonaLayer, 'x', 1)\nmona_peft.layer._private\n"
+    )
+    assert len(_public_api_violations(bad)) == 3
+
+
+@pytest.mark.slow  # ~30 s on an idle 2-core machine, over a minute on a loaded one
 def test_profile_runs_and_renders(tmp_path: Path) -> None:
     from benchmarks import profile_mona, report
 
@@ -119,9 +316,20 @@ def test_profile_runs_and_renders(tmp_path: Path) -> None:
         for mode in ("train", "inference"):
             assert set(comparison[mode]["ms"]) == {"unfused", "unfused_twin", "fused"}
             assert comparison[mode]["ratios"]["fused/unfused"]["median"] > 0
+    assert data["module"]["fused"] is False and data["module_fused"]["fused"] is True
+    assert profile_mona.STAGE_NORM in data["module"]["train"]["stages"]
+    assert profile_mona.STAGE_NORM_DOWN in data["module_fused"]["train"]["stages"]
+    step = data["train_step"]["median_ms"]
+    assert step["mona compute: forward"] > 0 and step["mona compute: backward"] > 0
+    # the residual adds of every block are found as glue, outside the adapters
+    assert step[profile_mona.GLUE_FORWARD] > 0 and step[profile_mona.GLUE_BACKWARD] >= 0
+    hooks = data["hooks"]
+    assert set(hooks["us_per_forward"]) == {"plain", "wrapped, adapters disabled", "mona", "mona modules alone"}
+    assert hooks["mona_modules_per_forward"] == 24  # 12 blocks, two positions
     path = report.render_profile(results, tmp_path / "docs")
     text = path.read_text()
-    assert "fused / unfused" in text and "benchmarks/unfused.py" in text
+    assert "fused / unfused" in text and "set_compute(model, fused=False)" in text
+    assert "Fused form (`fused=True`, the default), train" in text
     assert (tmp_path / "docs" / "profile_module.png").stat().st_size > 1000
 
 
