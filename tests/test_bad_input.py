@@ -33,7 +33,6 @@ from tiny_models import FAMILIES, pixels, randomize_adapter
         ({"positions": ("attention", "ffn")}, "positions"),
         ({"positions": ()}, "positions"),
         ({"prefix_tokens": "drop"}, "prefix_tokens"),
-        ({"merge_filters": "yes"}, "merge_filters"),
     ],
 )
 def test_invalid_config_values_name_the_field(kwargs: dict, field: str) -> None:

@@ -1,51 +1,35 @@
-"""The fused scaled norm + down projection (``mona_peft.fused``) and the ``MonaLayer.mona_delta`` built on it compute
-what the plain-op version computes (``benchmarks/unfused.py``, the code before the fusion): outputs, the input
-gradient and all 16 parameter gradients in float64; gradcheck of the autograd function; autocast; double backward is
-refused with an error."""
+"""The fused scaled norm + down projection (``mona_peft.fused``) and ``MonaAdapter`` built on it compute what the
+plain-op reference path of the same module computes (``adapter.fused = False``): outputs, the input gradient and all 16
+parameter gradients in float64; gradcheck of the autograd function; autocast; double backward is refused with an
+error."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from transformers import ViTConfig
-from transformers.models.vit.modeling_vit import ViTLayer
 
-import mona_peft
-from mona_peft.families import layout_for
+from mona_peft import MonaAdapter
 from mona_peft.fused import ScaledNormDown, scaled_norm_down
-from mona_peft.layer import MonaLayer
-
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from benchmarks.unfused import unfused_mona_delta  # noqa: E402
 
 
-def _tiny_mona_layer(**config: object) -> MonaLayer:
-    """A ViT block with Mona whose adapter weights are all random (so no gradient is trivially zero)."""
+def _tiny_adapter(**kwargs: object) -> MonaAdapter:
+    """A Mona adapter whose weights are all random (so no gradient is trivially zero)."""
     torch.manual_seed(0)
-    block = ViTLayer(ViTConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64))
-    layer = MonaLayer(
-        block, "default", mona_peft.MonaConfig(bottleneck_dim=8, init_weights=False, **config), layout_for(block)
-    )
+    adapter = MonaAdapter(32, bottleneck_dim=8, init_weights=False, **kwargs)
     with torch.no_grad():
-        for name, param in layer.named_parameters():
-            if "mona_" in name:
-                param.copy_(torch.randn_like(param) * 0.3 + (1.0 if "scale" in name else 0.0))
-    return layer
+        for name, param in adapter.named_parameters():
+            param.copy_(torch.randn_like(param) * 0.3 + (1.0 if "scale" in name else 0.0))
+    return adapter
 
 
-def _delta_and_grads(layer: MonaLayer, delta_fn, x: torch.Tensor, grad: torch.Tensor, grid: tuple[int, int]):
+def _delta_and_grads(adapter: MonaAdapter, fused: bool, x: torch.Tensor, grad: torch.Tensor, grid, num_prefix: int):
+    adapter.fused = fused
     xi = x.clone().requires_grad_(True)
     torch.manual_seed(1)  # the same dropout mask for both versions
-    out = delta_fn(layer, "default", "attention", xi, grid)
+    out = adapter(xi, grid, num_prefix)
     out.backward(grad)
-    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
-    layer.zero_grad(set_to_none=True)
+    grads = {n: p.grad.clone() for n, p in adapter.named_parameters() if p.grad is not None}
+    adapter.zero_grad(set_to_none=True)
     return out.detach(), xi.grad, grads
 
 
@@ -53,11 +37,12 @@ def _delta_and_grads(layer: MonaLayer, delta_fn, x: torch.Tensor, grad: torch.Te
 @pytest.mark.parametrize("prefix_tokens", ["tokenwise", "unchanged"])
 @pytest.mark.parametrize("num_prefix", [0, 1, 3])
 def test_fused_delta_matches_the_plain_op_version(merge_filters: bool, prefix_tokens: str, num_prefix: int) -> None:
-    layer = _tiny_mona_layer(merge_filters=merge_filters, prefix_tokens=prefix_tokens).double().train()
+    adapter = _tiny_adapter(prefix_tokens=prefix_tokens).double().train()
+    adapter.merge_filters = merge_filters
     x = torch.randn(3, num_prefix + 5 * 4, 32, dtype=torch.float64)
     grad = torch.randn_like(x)
-    out_a, gx_a, gp_a = _delta_and_grads(layer, unfused_mona_delta, x, grad, (5, 4))
-    out_b, gx_b, gp_b = _delta_and_grads(layer, MonaLayer.mona_delta, x, grad, (5, 4))
+    out_a, gx_a, gp_a = _delta_and_grads(adapter, False, x, grad, (5, 4), num_prefix)
+    out_b, gx_b, gp_b = _delta_and_grads(adapter, True, x, grad, (5, 4), num_prefix)
     torch.testing.assert_close(out_b, out_a)
     torch.testing.assert_close(gx_b, gx_a)
     assert gp_a.keys() == gp_b.keys() and len(gp_a) == 16  # norm 2, s1, s2, down 2, three convs 6, proj 2, up 2
@@ -90,13 +75,13 @@ def test_scaled_norm_down_is_the_plain_expression() -> None:
 def test_autocast_train_step_matches_plain_op_version(dtype: torch.dtype) -> None:
     """Under autocast the down projection runs in low precision while x and the weights stay float32: the backward
     must accept the low-precision gradient and agree with the plain-op version at that precision."""
-    layer = _tiny_mona_layer().train()
+    adapter = _tiny_adapter().train()
     x = torch.randn(2, 1 + 4 * 4, 32)
     grad = torch.randn_like(x)
     results = []
-    for fn in (unfused_mona_delta, MonaLayer.mona_delta):
+    for fused in (False, True):
         with torch.autocast("cpu", dtype=dtype):
-            results.append(_delta_and_grads(layer, fn, x, grad, (4, 4)))
+            results.append(_delta_and_grads(adapter, fused, x, grad, (4, 4), 1))
     (out_a, gx_a, gp_a), (out_b, gx_b, gp_b) = results
     assert out_b.dtype == out_a.dtype and gx_b.dtype == torch.float32
     torch.testing.assert_close(out_b.float(), out_a.float(), rtol=0.05, atol=0.05)
@@ -108,9 +93,9 @@ def test_autocast_train_step_matches_plain_op_version(dtype: torch.dtype) -> Non
 
 
 def test_double_backward_is_refused_with_an_error() -> None:
-    layer = _tiny_mona_layer().double().eval()
+    adapter = _tiny_adapter().double().eval()
     x = torch.randn(1, 1 + 3 * 3, 32, dtype=torch.float64, requires_grad=True)
-    out = layer.mona_delta("default", "attention", x, (3, 3))
+    out = adapter(x, (3, 3), 1)
     (grad_x,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError):
         grad_x.sum().backward()

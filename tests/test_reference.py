@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from peft import get_peft_model
 from torch import nn
 
+import mona_peft
 from mona_peft import MonaConfig, MonaLayer
 from mona_peft.filters import merged_filter, reference_filter
 from tiny_models import FAMILIES, pixels, randomize_adapter
@@ -18,12 +19,11 @@ class OfficialMona(nn.Module):
 
     def __init__(self, layer: MonaLayer, position: str, adapter: str = "default") -> None:
         super().__init__()
-        short = {"attention": "attn", "mlp": "mlp"}[position]
-        get = lambda part: getattr(layer, f"mona_{short}_{part}")[adapter]  # noqa: E731
-        self.norm, self.gamma, self.gammax = get("norm"), get("scale_norm"), get("scale_skip")
-        self.project1, self.project2 = get("down"), get("up")
-        self.conv1, self.conv2, self.conv3 = get("conv3"), get("conv5"), get("conv7")
-        self.projector = get("proj")
+        mona = layer.adapters_of(adapter)[position]
+        self.norm, self.gamma, self.gammax = mona.norm, mona.scale_norm, mona.scale_skip
+        self.project1, self.project2 = mona.down, mona.up
+        self.conv1, self.conv2, self.conv3 = mona.conv3, mona.conv5, mona.conv7
+        self.projector = mona.proj
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int], num_prefix: int = 0) -> torch.Tensor:
         identity = x
@@ -140,7 +140,8 @@ def test_merged_and_reference_models_agree() -> None:
     outputs = []
     for merge in (True, False):
         torch.manual_seed(0)
-        model = get_peft_model(spec.build(), MonaConfig(bottleneck_dim=8, init_weights=False, merge_filters=merge))
+        model = get_peft_model(spec.build(), MonaConfig(bottleneck_dim=8, init_weights=False))
+        assert mona_peft.set_compute(model, merge_filters=merge) == 2 * 2  # two blocks, two positions
         randomize_adapter(model)
         with torch.no_grad():
             outputs.append(model(pixel_values=pixels(spec.odd_size)).logits)

@@ -200,8 +200,9 @@ def test_weight_decay_spares_norms_biases_scales_and_tokens(tiny_dinov2: Path) -
     mona = {name for name in trainable if ".mona_" in name}
     assert mona and trainable
     for name in mona:
-        leaf = name.split(".mona_", 1)[1]
-        expect = any(part in leaf for part in ("_down.", "_up.", "_proj.", "_conv")) and name.endswith("weight")
+        part = name.split(".default.", 1)[1].split(".")[0]  # ...mona_attn.default.<part>.weight
+        expect = part in ("down", "up", "proj") or part.startswith("conv")
+        expect = expect and name.endswith("weight")
         assert (name in decayed) == expect, name
     assert not any("scale_norm" in n or "scale_skip" in n or n.endswith("bias") for n in decayed)
     assert {n for n in decayed & trainable if "classifier" in n} == {

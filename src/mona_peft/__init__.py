@@ -12,20 +12,25 @@ from peft.utils import PeftType as _PeftType  # isort: skip
 
 _extend_str_enum(_PeftType, "MONA", "MONA")
 
+from .adapter import MonaAdapter  # noqa: E402
+from .checkpoint import MonaCheckpointError  # noqa: E402
 from .config import MonaConfig  # noqa: E402
 from .layer import MonaLayer  # noqa: E402
-from .model import MonaModel  # noqa: E402
+from .model import MonaModel, set_compute  # noqa: E402
 
 register_with_peft()
 from .hub import load_from_hub, push_adapter_to_hub  # noqa: E402,F401 - also fixes PeftModel.push_to_hub's card
 
 __version__ = "0.1.0"
 __all__ = [
+    "MonaAdapter",
+    "MonaCheckpointError",
     "MonaConfig",
     "MonaLayer",
     "MonaModel",
     "load_from_hub",
     "push_adapter_to_hub",
     "register_with_peft",
+    "set_compute",
     "__version__",
 ]

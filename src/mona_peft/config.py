@@ -46,9 +46,6 @@ class MonaConfig(PeftConfig):
             place on the patch grid, so the depthwise filter skips them (its own identity skip passes them on) in both
             modes. `"tokenwise"`: they go through every token-wise part of Mona (scaled norm, projections, projector,
             GELU). `"unchanged"`: Mona leaves them exactly as they are. Swin has no prefix tokens.
-        merge_filters (`bool`, defaults to `True`):
-            Run the averaged depthwise convs (and their identity skip) as one depthwise conv with the largest kernel,
-            which is mathematically identical and faster. `False` runs the separate convs (the reference form).
         modules_to_save (`list[str]`, *optional*):
             Modules trained and saved in full besides the adapter (PEFT matches them by name suffix). Default `None`:
             the model's task head, i.e. every module with parameters outside the adapted backbone, chosen when the
@@ -85,9 +82,6 @@ class MonaConfig(PeftConfig):
     prefix_tokens: Literal["tokenwise", "unchanged"] = field(
         default="tokenwise",
         metadata={"help": "'tokenwise': prefix tokens get Mona's token-wise parts; 'unchanged': left as they are."},
-    )
-    merge_filters: bool = field(
-        default=True, metadata={"help": "Run the averaged depthwise convs as one merged conv (exact, faster)."}
     )
     modules_to_save: list[str] | None = field(
         default=None,
@@ -149,17 +143,24 @@ class MonaConfig(PeftConfig):
             raise ValueError(
                 f"MonaConfig.prefix_tokens must be one of {PREFIX_TOKEN_MODES}, got {self.prefix_tokens!r}."
             )
-        if not isinstance(self.merge_filters, bool):
-            raise ValueError(f"MonaConfig.merge_filters must be a bool, got {self.merge_filters!r}.")
+
+    @classmethod
+    def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
+        """Drop fields that earlier versions saved but that are runtime choices now (``merge_filters`` of 0.1.0: see
+        :func:`mona_peft.set_compute`), so that their adapters load without a warning."""
+        for name in _RETIRED_FIELDS:
+            kwargs.pop(name, None)
+        return super().check_kwargs(**kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
-        """Load a saved config and remember where it came from.
+        """Load a saved adapter's config, after checking that its weights are readable and agree with it.
 
-        When the config is then used to load the adapter into a model, ``MonaModel`` reads the weights from the same
-        place first and checks that they are intact and fit the model, before the model is modified.
+        This runs before ``PeftModel.from_pretrained`` changes the model, so a corrupted or mismatched adapter fails
+        with :class:`~mona_peft.checkpoint.MonaCheckpointError` and leaves the model as it was. Nothing is kept on the
+        returned config: it can be reused for a new adapter on another model.
         """
-        from .checkpoint import CheckpointSource
+        from .checkpoint import check_consistent, read_weights
 
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         if not isinstance(config, MonaConfig):  # PeftConfig picks the class from the saved peft_type
@@ -171,8 +172,13 @@ class MonaConfig(PeftConfig):
         hub_kwargs = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS and v is not None}
         if subfolder is not None:
             hub_kwargs["subfolder"] = subfolder
-        config._checkpoint_source = CheckpointSource(str(pretrained_model_name_or_path), hub_kwargs)
+        source = str(pretrained_model_name_or_path) + (f" (subfolder {subfolder!r})" if subfolder else "")
+        check_consistent(config, read_weights(str(pretrained_model_name_or_path), **hub_kwargs), source)
+        if config.modules_to_save is None:
+            # A saved adapter loads as its config says: no head saved means no head, not today's default head.
+            config.modules_to_save = []
         return config
 
 
 _HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies", "use_auth_token")
+_RETIRED_FIELDS = ("merge_filters",)

@@ -1,28 +1,32 @@
-"""Per-call state that Mona's hooks need: the token grid, and the first Mona's delta between two hooks.
+"""Per-call state of Mona layers: the ViT patch grid and each layer's own call slot, kept per thread and per call.
 
-Everything lives in context variables, so two threads (or two models) never see each other's grid. Gradient
-checkpointing re-runs a block's ``forward`` during backward, outside the original call; the block's checkpoint
-function is therefore wrapped so that the re-run sees the same :class:`BlockCall` as the original forward.
+A block's hooks need to know, while the block runs, the token grid and which adapters apply. ``MonaLayer.forward``
+puts that in the layer's own :class:`CallSlot` for the duration of the call; the patch grid of ViT-family models is
+recorded by :class:`PatchGridTracker` when the patch embedding runs. Both are context variables, so two threads (or
+two models) never see each other's values.
+
+Gradient checkpointing re-runs a block's ``forward`` during backward, after ``MonaLayer.forward`` has returned, and
+PyTorch offers no hook at the start of that re-run. :func:`keep_call_in_checkpoint` therefore wraps the block's
+checkpointing function (the ``_gradient_checkpointing_func`` attribute transformers sets on the block) so that the
+re-run sees the slot value of the call it replays; :func:`release_checkpoint` restores it.
 """
 
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 
-class _CompilableContextVar:
-    """A context variable that torch.compile can trace.
+class CallSlot:
+    """A context variable that torch.compile can trace, one per owner.
 
-    Dynamo cannot trace ``ContextVar.get``/``set`` (each call would break the graph, twice per block). While compiling,
-    the value lives in a plain attribute instead, which Dynamo traces as an ordinary Python side effect; in eager mode
-    it is a real ``ContextVar``, so threads never see each other's value.
+    Dynamo cannot trace ``ContextVar.get``/``set`` (each call would break the graph). While compiling (also under
+    ``torch.export``), the value lives in a plain attribute instead, which Dynamo traces as an ordinary Python side
+    effect; in eager mode it is a real ``ContextVar``, so threads never see each other's value.
     """
 
     def __init__(self, name: str) -> None:
@@ -31,7 +35,7 @@ class _CompilableContextVar:
         self._compiled_value: Any = None
 
     # A ContextVar can be neither copied nor pickled; a copy of a model gets a fresh, empty slot of its own.
-    def __deepcopy__(self, memo: dict) -> _CompilableContextVar:
+    def __deepcopy__(self, memo: dict) -> CallSlot:
         return type(self)(self._name)
 
     def __reduce__(self) -> tuple:
@@ -53,35 +57,6 @@ class _CompilableContextVar:
             self._var.reset(token)
 
 
-_current_call = _CompilableContextVar("mona_block_call")
-
-
-@dataclass
-class BlockCall:
-    """One call of one Mona-wrapped block."""
-
-    layer: nn.Module
-    grid: tuple[int, int]
-    adapters: tuple[str, ...]
-    # mona_1(x1) - x1, set by the entry hook and consumed by the join hook.
-    pending: torch.Tensor | None = field(default=None, repr=False)
-
-
-def current_call() -> BlockCall | None:
-    """The block call in progress in this context, if any."""
-    return _current_call.get()
-
-
-@contextmanager
-def block_call(call: BlockCall | None) -> Iterator[None]:
-    """Make ``call`` the current block call for the duration of the ``with`` body."""
-    token = _current_call.set(call)
-    try:
-        yield
-    finally:
-        _current_call.reset(token)
-
-
 class PatchGridTracker:
     """Remembers the (h, w) patch grid of the latest ViT-family embedding pass in the current context.
 
@@ -90,11 +65,13 @@ class PatchGridTracker:
     """
 
     def __init__(self) -> None:
-        self._grid = _CompilableContextVar(f"mona_patch_grid_{id(self)}")
+        self._grid = CallSlot(f"mona_patch_grid_{id(self)}")
 
     def hook(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
         """Forward hook for the patch-embedding conv."""
-        self._grid.set((int(output.shape[-2]), int(output.shape[-1])))
+        # No int(): under torch.export/compile with a dynamic image size the sizes are symbolic, and int() would bake
+        # the example's grid into the graph (an ONNX export would then silently filter later sizes on a wrong grid).
+        self._grid.set(tuple(output.shape[-2:]))
 
     def get(self) -> tuple[int, int] | None:
         return self._grid.get()
@@ -103,8 +80,8 @@ class PatchGridTracker:
 _CHECKPOINT_ATTR = "_gradient_checkpointing_func"
 
 
-def keep_call_in_checkpoint(block: nn.Module) -> None:
-    """Wrap ``block``'s gradient-checkpointing function (if any) so its re-run sees the current block call.
+def keep_call_in_checkpoint(block: nn.Module, slot: CallSlot) -> None:
+    """Wrap ``block``'s gradient-checkpointing function (if any) so that its re-run sees ``slot``'s current value.
 
     transformers (re)assigns ``_gradient_checkpointing_func`` whenever checkpointing is enabled, so this is checked
     on every call and is idempotent.
@@ -114,11 +91,14 @@ def keep_call_in_checkpoint(block: nn.Module) -> None:
         return
 
     def checkpoint_with_call(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        call = current_call()  # captured during forward, reused by the recomputation during backward
+        value = slot.get()  # captured during forward, reused by the recomputation during backward
 
         def run_in_call(*inner_args: Any, **inner_kwargs: Any) -> Any:
-            with block_call(call):
+            token = slot.set(value)
+            try:
                 return function(*inner_args, **inner_kwargs)
+            finally:
+                slot.reset(token)
 
         return func(run_in_call, *args, **kwargs)
 

@@ -5,17 +5,27 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
+import torch
 from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule, check_target_module_exists
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from .checkpoint import check_checkpoint, read_weights
+from .checkpoint import MonaCheckpointError, to_checkpoint_keys, to_model_keys
 from .config import MonaConfig
-from .families import LAYOUTS, SUPPORTED_BLOCKS, is_patch_grid_conv, layout_for
+from .families import (
+    LAYOUTS,
+    SUPPORTED_BLOCKS,
+    block_path_spellings,
+    canonical_block_path,
+    is_patch_grid_conv,
+    layout_for,
+)
 from .grid import PatchGridTracker
 from .heads import task_head_modules
-from .layer import MERGE_ERROR, MonaLayer
+from .layer import MERGE_ERROR, POSITION_CONTAINERS, MonaLayer
 
 
 def _unwrapped(module: nn.Module) -> nn.Module:
@@ -23,14 +33,17 @@ def _unwrapped(module: nn.Module) -> nn.Module:
 
 
 def default_target_regex(model: nn.Module) -> str:
-    """A regex that fully matches the names of every supported block in ``model`` (indices generalised to ``\\d+``).
+    """A regex that fully matches every supported block of ``model`` (indices generalised to ``\\d+``), written with
+    the canonical block paths so that it means the same blocks on every transformers line.
 
     Raises a ValueError listing the supported blocks if there is none.
     """
     patterns: list[str] = []
     for name, module in model.named_modules():
-        if not name or "base_layer" in name.split(".") or layout_for(_unwrapped(module)) is None:
+        layout = None if not name or "base_layer" in name.split(".") else layout_for(_unwrapped(module))
+        if layout is None:
             continue
+        name = canonical_block_path(name, layout)
         pattern = re.sub(r"(^|\\\.)\d+(?=\\\.|$)", r"\1\\d+", re.escape(name))
         if pattern not in patterns:
             patterns.append(pattern)
@@ -69,10 +82,7 @@ class MonaModel(BaseTuner):
         if peft_config.target_modules is None:
             peft_config.target_modules = default_target_regex(self.model)
         targeted = self._check_targets(peft_config)
-        source = peft_config.__dict__.pop("_checkpoint_source", None)
-        if source is not None:  # loading a saved adapter: check the weights before the model is changed
-            check_checkpoint(self.model, peft_config, targeted, read_weights(source))
-        elif peft_config.modules_to_save is None:
+        if peft_config.modules_to_save is None:
             # A new adapter trains the task head by default; the choice is saved in adapter_config.json, so loading
             # reproduces it (a saved adapter is loaded exactly as its config says, even with no head).
             peft_config.modules_to_save = task_head_modules(self.model, targeted) or None
@@ -85,8 +95,7 @@ class MonaModel(BaseTuner):
         for name, module in self.model.named_modules():
             if not name or any(part.startswith(self.prefix) for part in name.split(".")) or ".base_layer" in name:
                 continue
-            result = check_target_module_exists(peft_config, name)
-            if not result or isinstance(result, _ExcludedModule):
+            if not self._check_target_module_exists(peft_config, name):
                 continue
             block = _unwrapped(module)
             if layout_for(block) is None:
@@ -104,6 +113,57 @@ class MonaModel(BaseTuner):
                 f"{default_target_regex(self.model)!r}."
             )
         return matched
+
+    def _check_target_module_exists(self, peft_config: MonaConfig, key: str) -> bool:
+        """Whether ``target_modules`` / ``exclude_modules`` select the module ``key``, under any spelling of its path
+        (this transformers line's, the canonical one, or another line's), so that a config saved under one line
+        selects the same blocks under another."""
+        names = self._block_spellings().get(key, {key})
+        results = [check_target_module_exists(peft_config, name) for name in sorted(names)]
+        if any(isinstance(result, _ExcludedModule) for result in results):
+            return False
+        return any(bool(result) for result in results)
+
+    def _block_spellings(self) -> dict[str, set[str]]:
+        """Every spelling of the path of each supported block of the model, by its name in the running model."""
+        return {
+            name: block_path_spellings(name, layout)
+            for name, module in self.model.named_modules()
+            if name and "base_layer" not in name.split(".") and (layout := layout_for(_unwrapped(module))) is not None
+        }
+
+    # Saving and loading (PEFT's per-method hooks): block paths are saved in their canonical spelling, and loading
+    # maps either checkpoint format, saved under any supported transformers line, to the running model.
+    @classmethod
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config: MonaConfig,
+        adapter_name: str,
+        state_dict: dict,
+        unwanted_adapter_names: list[str],
+    ) -> dict:
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        return to_checkpoint_keys(model, selected)
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # ``...mona_attn.<adapter>.down.weight`` -> ``...mona_attn.down.weight`` (PEFT's default only knows adapter
+        # names in the last or second-to-last place)
+        for container in POSITION_CONTAINERS.values():
+            key = key.replace(f".{container}.{adapter_name}.", f".{container}.")
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: MonaConfig, adapter_name: str, state_dict: dict
+    ) -> dict:
+        try:
+            state_dict = to_model_keys(model, config, adapter_name, state_dict)
+        except MonaCheckpointError:
+            _take_out(model, adapter_name)
+            raise
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
     def _create_and_replace(
         self,
@@ -143,14 +203,47 @@ class MonaModel(BaseTuner):
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
-        # PEFT calls this around every forward; Mona has no per-sample adapter routing, so refuse it loudly rather
-        # than silently applying the active adapter to every sample.
-        if kwargs.get("adapter_names") is not None:
+        """PEFT calls this around every forward. With ``adapter_names=[...]`` (one name per sample, ``"__base__"`` for
+        none), each Mona layer and each ``modules_to_save`` head gets the names for this call only, through a
+        temporary pre-hook, as PEFT does for LoRA."""
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is None:
+            yield
+            return
+        self._check_adapter_names(adapter_names, _batch_size(args, kwargs))
+        handles = []
+        for module in self.model.modules():
+            if isinstance(module, (MonaLayer, AuxiliaryTrainingWrapper)):
+                hook = partial(_inject_adapter_names, adapter_names=list(adapter_names))
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _check_adapter_names(self, adapter_names: Any, batch_size: int | None) -> None:
+        if self.training:
             raise ValueError(
-                "Mona does not support mixed-adapter batches (`adapter_names=` in forward). Use "
-                "`model.set_adapter(name)` and run one batch per adapter."
+                "`adapter_names` (a mixed-adapter batch) is for inference: call `model.eval()` first, and train one "
+                "adapter per batch."
             )
-        yield
+        if isinstance(adapter_names, str) or not all(isinstance(name, str) for name in adapter_names):
+            raise TypeError(
+                f"`adapter_names` must be a list with one adapter name (or '__base__') per sample, got "
+                f"{adapter_names!r}."
+            )
+        unknown = sorted({name for name in adapter_names if name != "__base__"} - set(self.peft_config))
+        if unknown:
+            raise ValueError(
+                f"`adapter_names` names adapter(s) this model does not have: {', '.join(unknown)}. Its adapters are "
+                f"{', '.join(sorted(self.peft_config))}; use '__base__' for samples that should get no adapter."
+            )
+        if batch_size is not None and len(adapter_names) != batch_size:
+            raise ValueError(
+                f"`adapter_names` has {len(adapter_names)} name(s) but the batch has {batch_size} sample(s): give "
+                "exactly one adapter name (or '__base__') per sample."
+            )
 
     def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
         raise ValueError(MERGE_ERROR)
@@ -174,3 +267,50 @@ class MonaModel(BaseTuner):
             handle.remove()
         self.__dict__.pop("_mona_grid_tracker", None)
         return model
+
+
+def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    """The batch size of a forward call: the first dimension of ``pixel_values`` (or of the first tensor argument)."""
+    candidates = [kwargs.get("pixel_values"), *args, *kwargs.values()]
+    tensor = next((t for t in candidates if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+    return None if tensor is None else int(tensor.shape[0])
+
+
+def _inject_adapter_names(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: list[str]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return args, {**kwargs, "adapter_names": adapter_names}
+
+
+def set_compute(model: nn.Module, *, fused: bool | None = None, merge_filters: bool | None = None) -> int:
+    """Choose how every Mona adapter in ``model`` computes; returns how many adapters were set.
+
+    Args:
+        fused: ``True`` (default of new adapters): the scaled norm and the down projection run as one autograd
+            function that keeps only its input for backward; ``False``: plain ops, the reference.
+        merge_filters: ``True`` (default): the averaged depthwise convs run as one merged conv; ``False``: the
+            separate convs, the reference.
+
+    Both forms are exact up to float rounding; this is a runtime choice and is not saved with the adapter.
+    """
+    from .adapter import MonaAdapter
+
+    adapters = [module for module in model.modules() if isinstance(module, MonaAdapter)]
+    for adapter in adapters:
+        if fused is not None:
+            adapter.fused = fused
+        if merge_filters is not None:
+            adapter.merge_filters = merge_filters
+    return len(adapters)
+
+
+def _take_out(model: nn.Module, adapter_name: str) -> None:
+    """Remove an adapter whose weights failed to load, leaving the model as it was before: the whole PEFT wrapping
+    when it was the only adapter (the blocks and heads go back in place), else just that adapter."""
+    tuner = getattr(model, "base_model", None)
+    if not isinstance(tuner, MonaModel):
+        return
+    if list(tuner.peft_config) == [adapter_name]:
+        tuner._unload_and_optionally_merge(merge=False)
+    else:
+        model.delete_adapter(adapter_name)
