@@ -43,7 +43,13 @@ def test_invalid_config_values_name_the_field(kwargs: dict, field: str) -> None:
 def _assert_untouched(model: nn.Module, expected: torch.Tensor, x: torch.Tensor) -> None:
     assert not any(isinstance(m, MonaLayer) for m in model.modules())
     assert not hasattr(model, "peft_config")
-    assert not any(m.__dict__.get("_mona_layer") for m in model.modules())
+    hooks = [
+        hook
+        for m in model.modules()
+        for hook in (*m._forward_pre_hooks.values(), *m._forward_hooks.values())
+        if isinstance(getattr(hook, "__self__", None), MonaLayer)
+    ]
+    assert not hooks and not any("forward" in m.__dict__ for m in model.modules())
     with torch.no_grad():
         assert torch.equal(model(pixel_values=x).logits, expected)
 
