@@ -7,6 +7,7 @@ The logic behind ``scripts/train.py``, ``scripts/predict.py`` and ``notebooks/fi
 - :mod:`.recipe`: the model per method, weight-decay groups, the Trainer;
 - :mod:`.run`: one run end to end (:func:`train`, :func:`main`);
 - :mod:`.inference`: loading a trained model and predicting (:func:`load_trained`);
+- :mod:`.distributed`: FSDP2 on CPU-only machines, gathering a sharded adapter for saving;
 - :mod:`.card`, :mod:`.plots`: the model card and the training curves.
 """
 

@@ -26,6 +26,13 @@ from transformers import (
 )
 
 from .arguments import METHODS, ModelArguments
+from .distributed import (
+    enable_cpu_fsdp,
+    fsdp_ram_efficient_loading,
+    gather_adapter_state_dict,
+    materialize_meta_parameters,
+    set_default_wrap_classes,
+)
 
 PEFT_METHODS = ("mona", "lora")
 
@@ -91,6 +98,27 @@ class RecipeTrainer(Trainer):
         self.head_learning_rate = head_learning_rate
         self.head_names = tuple(head_names)
         self.model_card_writer = model_card_writer
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        enable_cpu_fsdp(self)  # FSDP asked for by the launcher, on a machine without an accelerator
+        set_default_wrap_classes(self)  # TRANSFORMER_BASED_WRAP without class names: MonaLayer / the blocks
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under FSDP2, save the full model from the main process whatever ``fsdp_state_dict_type`` says (the Trainer
+        saves nothing with ``SHARDED_STATE_DICT``): for a PEFT model only the adapter's tensors are gathered."""
+        if not getattr(self.accelerator, "is_fsdp2", False):
+            super().save_model(output_dir, _internal_call)
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if is_peft_model(self.model):
+            state_dict = gather_adapter_state_dict(self.model)  # on every process: it is a collective
+        else:
+            state_dict = self.accelerator.get_state_dict(self.model)
+        if self.args.should_save:  # transformers 4.x's _save writes from whichever process calls it
+            self._save(output_dir, state_dict=state_dict)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         return decay_parameter_names(model)
@@ -262,6 +290,8 @@ def apply_method(
 def build_model(model_args: ModelArguments, labels: list[str], model_path: str | None = None) -> nn.Module:
     """Load the backbone with a head for ``labels`` and apply ``model_args.method`` to it."""
     model = load_classifier(model_args, labels, model_path)
+    if fsdp_ram_efficient_loading():  # weights on `meta` here but on the main process: accelerate fills them in
+        materialize_meta_parameters(model)
     return apply_method(
         model,
         model_args.method,
@@ -307,6 +337,11 @@ def accuracy_metrics(metric: Any) -> Callable[[EvalPrediction], dict[str, float]
         return metric.compute(predictions=np.argmax(logits, axis=-1), references=prediction.label_ids)
 
     return compute
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a PEFT model (it has adapters, saved on their own by ``save_pretrained``)."""
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
 def is_peft_method(method: str) -> bool:

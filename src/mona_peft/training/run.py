@@ -25,6 +25,7 @@ from ..metrics import load_accuracy
 from .arguments import DataArguments, ModelArguments, parse_args
 from .card import OFFLINE_BASE_DESCRIPTION, OFFLINE_BASE_HUB_ID, CardInfo, write_model_card
 from .data import ImageClassificationData, ImageClassificationDataset, Preprocessing, make_collator, prepare_data
+from .distributed import describe_distributed
 from .plots import CURVES_FILE, plot_training_curves
 from .recipe import (
     EpochCallback,
@@ -309,6 +310,7 @@ def _hyperparameters(
         "batch size per device": training_args.per_device_train_batch_size,
         "gradient accumulation": training_args.gradient_accumulation_steps,
         "processes": training_args.world_size,
+        "distributed": describe_distributed() if training_args.world_size > 1 else None,
         "optimizer steps": steps,
         "image size": data_args.image_size,
         "augmentation": f"random-resized crop (area {data_args.min_crop_scale}-1) + horizontal flip",
