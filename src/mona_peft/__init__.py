@@ -19,6 +19,9 @@ from .layer import MonaLayer  # noqa: E402
 from .model import MonaModel, set_compute  # noqa: E402
 
 register_with_peft()
+from .dispatch import MonaDispatchError, install_offload_loading  # noqa: E402
+
+install_offload_loading()  # PeftModel.from_pretrained / load_adapter keep an offloaded base's dispatch (Mona only)
 from .hub import load_from_hub, push_adapter_to_hub  # noqa: E402,F401 - also fixes PeftModel.push_to_hub's card
 
 __version__ = "0.1.0"
@@ -26,6 +29,7 @@ __all__ = [
     "MonaAdapter",
     "MonaCheckpointError",
     "MonaConfig",
+    "MonaDispatchError",
     "MonaLayer",
     "MonaModel",
     "load_from_hub",

@@ -15,6 +15,7 @@ from torch import nn
 
 from .checkpoint import MonaCheckpointError, to_checkpoint_keys, to_model_keys
 from .config import MonaConfig
+from .dispatch import check_placement, keep_offloaded_heads
 from .families import (
     LAYOUTS,
     SUPPORTED_BLOCKS,
@@ -87,6 +88,15 @@ class MonaModel(BaseTuner):
             # reproduces it (a saved adapter is loaded exactly as its config says, even with no head).
             peft_config.modules_to_save = task_head_modules(self.model, targeted) or None
         return peft_config
+
+    def _prepare_model(self, peft_config: MonaConfig, model: nn.Module) -> None:
+        # Runs before any module is replaced: an adapter that cannot be placed (see dispatch.py) fails here.
+        check_placement(model, self._check_targets(peft_config), peft_config.modules_to_save)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        # Copies of accelerate-offloaded heads (modules_to_save) become resident, trainable modules (see dispatch.py).
+        with keep_offloaded_heads(model):
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
 
     def _check_targets(self, peft_config: MonaConfig) -> list[str]:
         """Names of the blocks to adapt; fails before touching the model if a target is not a supported block or
