@@ -468,6 +468,18 @@ def reading_section(speed: dict[str, Any], profile: dict[str, Any] | None) -> st
     aa_text = "; ".join(
         f"{c['model_name']} b{c['batch']}: train {_ratio(t)}, inference {_ratio(i)}" for c, t, i in aa if t and i
     )
+    # mona_single runs the same compute as mona (its second adapter is inactive): another same-code pair of workers.
+    same_code = [(c, c["inference_time_ratios"].get("mona_single/mona")) for c in speed["configs"]]
+    same_code = [(c, r) for c, r in same_code if r]
+    same_code_text = (
+        " The A/A pair is one pair of workers: two other workers running the same compute differ by more at times. "
+        "Inference of `mona_single` (the batch on one of two loaded adapters, the same ops as `mona`) against "
+        "`mona`: "
+        + "; ".join(f"{c['model_name']} b{c['batch']}: {_ratio(r)}" for c, r in same_code)
+        + ". Inference differences of that size between methods are not attributable to their code."
+        if same_code
+        else ""
+    )
     lines = [
         "### Reading these numbers",
         "",
@@ -490,7 +502,8 @@ def reading_section(speed: dict[str, Any], profile: dict[str, Any] | None) -> st
         else "",
         f"- **Noise floor.** The A/A ratios (Mona against a second copy of itself, same run): {aa_text}. A "
         "difference smaller than that spread is not resolved by this run; the CPU-time ratios (process CPU "
-        "time, which excludes time the process spent descheduled) are the steadier view when the load is high.",
+        "time, which excludes time the process spent descheduled) are the steadier view when the load is high."
+        + same_code_text,
         "- **Batch 32** gets fewer rounds (a ViT-B/16 train step takes 20–60 s here), so its medians rest on few "
         "pairs; the three-conv reference runs at batch 8 only by default (the filter alone is timed at batch-32 "
         "shapes).",
@@ -816,7 +829,7 @@ def render_benchmarks(results: Path, docs: Path) -> Path | None:
         "",
         "```bash",
         "python -m benchmarks.params         # trainable parameters and adapter file sizes (~1 min)",
-        "python -m benchmarks.speed          # speed and memory (~25 min on 2 cores)",
+        "python -m benchmarks.speed          # speed and memory (~30-35 min on 2 idle cores)",
         "python -m benchmarks.speed --baseline-rev d706065   # ... also Mona as it was at that git revision",
         "python -m benchmarks.profile_mona   # where Mona's time goes -> docs/profile.md (~2-10 min)",
         "python -m benchmarks.accuracy       # accuracy of every method on real weights (< 1 h on 2 cores)",

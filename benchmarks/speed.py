@@ -30,7 +30,7 @@ How it measures (so that a noisy, shared machine still gives comparable numbers)
   the process's resident peak in a training loop, with a trimmed heap the step's own peak;
 * each worker first runs one untimed warm-up train step and inference at the first batch size.
 
-    python -m benchmarks.speed                 # ViT-B/16 and Swin-T at 224 px, batch 8 and 32 (~25 min on 2 cores)
+    python -m benchmarks.speed                 # ViT-B/16 and Swin-T at 224 px, batch 8, 32 (~30-35 min, 2 idle cores)
     python -m benchmarks.speed --baseline-rev d706065   # ... and the code of that revision as method mona_before
     python -m benchmarks.speed --quick         # tiny models, batch 2, two rounds (smoke test, seconds)
     python -m benchmarks.speed --device cuda   # bf16 autocast + torch.compile variants (untested: no GPU here)
