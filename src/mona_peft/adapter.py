@@ -30,6 +30,7 @@ from torch import nn
 
 from .filters import merged_filter, reference_filter
 from .fused import scaled_norm_down
+from .tokens import TokenLayout
 
 PrefixTokens = Literal["tokenwise", "unchanged"]
 InitWeights = bool | Literal["official"]
@@ -100,17 +101,23 @@ class MonaAdapter(nn.Module):
         if init_weights is True:
             nn.init.zeros_(self.up.weight)
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int], num_prefix: int = 0) -> torch.Tensor:
-        """``mona(x) - x`` for ``x`` of shape [B, N, C], ``N = num_prefix + h * w`` tokens (prefix tokens first, then
-        the ``grid = (h, w)`` patch tokens in row-major order). Runs in ``x``'s dtype: the weights are cast on the fly,
-        so bfloat16/float16 activations are not upcast."""
-        batch, tokens, channels = x.shape
-        height, width = grid
-        if tokens != num_prefix + height * width:
-            raise ValueError(
-                f"Mona got {tokens} tokens but a {height}x{width} grid with {num_prefix} prefix token(s); the grid "
-                "does not belong to this input."
-            )
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | TokenLayout, num_prefix: int = 0) -> torch.Tensor:
+        """``mona(x) - x``.
+
+        With ``grid = (h, w)``: ``x`` is [B, N, C] with ``N = num_prefix + h * w`` tokens (prefix tokens first, then
+        the patch tokens in row-major order). With a :class:`~mona_peft.tokens.TokenLayout` (SAM's [B, H, W, C],
+        SigLIP2's padded images, Qwen2-VL's packed images) the layout says where the image tokens are. Runs in
+        ``x``'s dtype: the weights are cast on the fly, so bfloat16/float16 activations are not upcast."""
+        channels = x.shape[-1]
+        if isinstance(grid, TokenLayout):
+            grid.check(x, "Mona")
+        else:
+            height, width = grid
+            if x.dim() != 3 or x.shape[1] != num_prefix + height * width:
+                raise ValueError(
+                    f"Mona got tokens of shape {tuple(x.shape)} but a {height}x{width} grid with {num_prefix} prefix "
+                    "token(s); the grid does not belong to this input."
+                )
         dtype = x.dtype
 
         def cast(t: torch.Tensor) -> torch.Tensor:
@@ -133,15 +140,22 @@ class MonaAdapter(nn.Module):
             scaled = scaled * cast(self.scale_norm) + x * cast(self.scale_skip)
             h = F.linear(scaled, cast(down.weight), cast(down.bias))  # [B, N, m]
 
-        # Spatial filter over the patch tokens only: [B, h*w, m] -> [B, m, h, w] (row-major token order) and back;
-        # both ways are views (the conv gets a channels-last layout). One split: its backward is a single cat.
-        prefix, patches = h.split([num_prefix, height * width], dim=1)
-        image = patches.transpose(1, 2).reshape(batch, -1, height, width)
         weights = [cast(conv.weight) for conv in self.convs]
         biases = [cast(conv.bias) for conv in self.convs]
-        image = (merged_filter if self.merge_filters else reference_filter)(image, weights, biases)
-        patches = image.flatten(2).transpose(1, 2)
-        h = torch.cat([prefix, patches], dim=1) if num_prefix else patches
+        method = merged_filter if self.merge_filters else reference_filter
+
+        def spatial(image: torch.Tensor) -> torch.Tensor:  # [b, m, H, W] -> [b, m, H, W]
+            return method(image, weights, biases)
+
+        if isinstance(grid, TokenLayout):
+            h = grid.filter(h, spatial)
+        else:
+            # Spatial filter over the patch tokens only: [B, h*w, m] -> [B, m, h, w] (row-major token order) and
+            # back; both ways are views (the conv gets a channels-last layout). One split: its backward is one cat.
+            prefix, patches = h.split([num_prefix, height * width], dim=1)
+            image = spatial(patches.transpose(1, 2).reshape(x.shape[0], -1, height, width))
+            patches = image.flatten(2).transpose(1, 2)
+            h = torch.cat([prefix, patches], dim=1) if num_prefix else patches
 
         # Projector with its skip, z + (W z + b) = (W + I) z + b: one linear map on the tokens.
         weight = cast(self.proj.weight).flatten(1)
@@ -150,7 +164,7 @@ class MonaAdapter(nn.Module):
         h = F.dropout(F.gelu(h), self.dropout, self.training)
         delta = F.linear(h, cast(self.up.weight), cast(self.up.bias))
         if num_prefix and self.prefix_tokens == "unchanged":
-            delta = torch.cat([delta.new_zeros(batch, num_prefix, channels), delta[:, num_prefix:]], dim=1)
+            delta = torch.cat([delta.new_zeros(x.shape[0], num_prefix, channels), delta[:, num_prefix:]], dim=1)
         return delta
 
     def extra_repr(self) -> str:

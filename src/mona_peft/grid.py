@@ -1,9 +1,9 @@
 """Per-call state of Mona layers: the ViT patch grid and each layer's own call slot, kept per thread and per call.
 
 A block's hooks need to know, while the block runs, the token grid and which adapters apply. ``MonaLayer.forward``
-puts that in the layer's own :class:`CallSlot` for the duration of the call; the patch grid of ViT-family models is
-recorded by :class:`PatchGridTracker` when the patch embedding runs. Both are context variables, so two threads (or
-two models) never see each other's values.
+puts that in the layer's own :class:`CallSlot` for the duration of the call; the token grid of ViT-like models is
+recorded by :class:`GridTracker` when the patch embedding (or the vision tower) runs. Both are context variables, so
+two threads (or two models) never see each other's values.
 
 Gradient checkpointing re-runs a block's ``forward`` during backward, after ``MonaLayer.forward`` has returned, and
 PyTorch offers no hook at the start of that re-run. :func:`keep_call_in_checkpoint` therefore wraps the block's
@@ -57,24 +57,37 @@ class CallSlot:
             self._var.reset(token)
 
 
-class PatchGridTracker:
-    """Remembers the (h, w) patch grid of the latest ViT-family embedding pass in the current context.
+class GridTracker:
+    """Remembers the token grid of the latest image pass through a model, per grid source, in the current context.
 
-    A forward hook on the patch-embedding conv records ``output.shape[-2:]``; the blocks that follow in the same
-    forward read it. This covers non-square inputs and ``interpolate_pos_encoding`` with no image-size arithmetic.
+    * ``"patch_grid"``: a forward hook on ViT-like patch-embedding convs records ``output.shape[-2:]``, the (h, w)
+      patch grid, for the blocks that follow in the same forward. This covers non-square inputs and
+      ``interpolate_pos_encoding`` with no image-size arithmetic.
+    * ``"tower"``: a forward pre-hook on a vision tower (or its embeddings) records the
+      :class:`~mona_peft.tokens.TokenLayout` built from its arguments (SigLIP2's ``spatial_shapes``, Qwen2-VL's
+      ``grid_thw``).
     """
 
     def __init__(self) -> None:
-        self._grid = CallSlot(f"mona_patch_grid_{id(self)}")
+        self._slots = {source: CallSlot(f"mona_{source}_{id(self)}") for source in ("patch_grid", "tower")}
 
-    def hook(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
-        """Forward hook for the patch-embedding conv."""
+    def patch_hook(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        """Forward hook for a patch-embedding conv."""
         # No int(): under torch.export/compile with a dynamic image size the sizes are symbolic, and int() would bake
         # the example's grid into the graph (an ONNX export would then silently filter later sizes on a wrong grid).
-        self._grid.set(tuple(output.shape[-2:]))
+        self._slots["patch_grid"].set(tuple(output.shape[-2:]))
 
-    def get(self) -> tuple[int, int] | None:
-        return self._grid.get()
+    def tower_hook(self, build: Callable[..., Any]) -> Callable[..., None]:
+        """A forward pre-hook (``with_kwargs=True``) that records ``build(module, args, kwargs)``."""
+
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self._slots["tower"].set(build(module, args, kwargs))
+
+        return hook
+
+    def get(self, source: str) -> Any:
+        slot = self._slots.get(source)
+        return None if slot is None else slot.get()
 
 
 _CHECKPOINT_ATTR = "_gradient_checkpointing_func"

@@ -37,6 +37,30 @@ def is_backbone_model(module: nn.Module) -> bool:
     return hasattr(module, "out_features") or module.base_model is module
 
 
+# A module holding the blocks that has one of these children embeds the image itself: it is a vision tower (the
+# backbone), e.g. CLIPVisionTransformer (``embeddings``) inside CLIPForImageClassification, SAM's and Qwen2-VL's
+# vision encoders (``patch_embed``).
+_TOWER_STEMS = ("embeddings", "patch_embed")
+
+
+def _is_tower(module: nn.Module) -> bool:
+    return any(isinstance(getattr(module, stem, None), nn.Module) for stem in _TOWER_STEMS)
+
+
+def _language_parts(model: nn.Module) -> list[nn.Module]:
+    """The token embeddings and LM head of a model with a text side (CLIPModel, LLaVA, Qwen2-VL): whatever holds
+    them is a text tower or a language model, never a default head."""
+    parts = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(model, getter)()
+        except (AttributeError, NotImplementedError):
+            continue
+        if isinstance(module, nn.Embedding) or (getter == "get_output_embeddings" and isinstance(module, nn.Linear)):
+            parts.append(module)
+    return parts
+
+
 def task_head_modules(model: nn.Module, blocks: Iterable[str]) -> list[str] | None:
     """Dotted names of the modules of ``model`` that form its task head, given the names of the adapted ``blocks``.
 
@@ -49,24 +73,29 @@ def task_head_modules(model: nn.Module, blocks: Iterable[str]) -> list[str] | No
     block_names = [name for name in blocks if name]
     if not block_names:
         return None
-    return _heads_below(model, "", block_names)
+    return _heads_below(model, "", block_names, _language_parts(model))
 
 
-def _heads_below(module: nn.Module, prefix: str, blocks: list[str]) -> list[str] | None:
-    if is_backbone_model(module):
+def _heads_below(module: nn.Module, prefix: str, blocks: list[str], language: list[nn.Module]) -> list[str] | None:
+    if is_backbone_model(module) or _is_tower(module):
         return []
     heads: list[str] = []
     for name, child in module.named_children():
         path = prefix + name
         inside = [b for b in blocks if b == path or b.startswith(path + ".")]
         if not inside:
-            if any(True for _ in child.parameters()):
+            is_text = name.startswith("text") or any(part is child or _contains(child, part) for part in language)
+            if not is_text and any(True for _ in child.parameters()):
                 heads.append(path)
             continue
         if path in inside:  # reached a block without passing through a backbone model
             return None
-        below = _heads_below(child, path + ".", inside)
+        below = _heads_below(child, path + ".", inside, language)
         if below is None:
             return None
         heads += below
     return heads
+
+
+def _contains(module: nn.Module, part: nn.Module) -> bool:
+    return any(sub is part for sub in module.modules())

@@ -11,19 +11,17 @@ from torch import nn
 
 from .adapter import MonaAdapter
 from .config import MonaConfig
-from .families import BlockLayout
-from .grid import CallSlot, PatchGridTracker, keep_call_in_checkpoint, release_checkpoint
+from .families import BlockLayout, block_hidden_width
+from .grid import CallSlot, GridTracker, keep_call_in_checkpoint, release_checkpoint
+from .tokens import TokenLayout, TokenMap
 
 # Each position's adapters live in one ModuleDict of the layer, keyed by adapter name.
 POSITION_CONTAINERS = {"attention": "mona_attn", "mlp": "mona_mlp"}
 
 
 def block_hidden_size(block: nn.Module) -> int:
-    """Width of a transformer block's residual stream (every supported block has a LayerNorm of that width)."""
-    for module in block.modules():
-        if isinstance(module, nn.LayerNorm):
-            return int(module.normalized_shape[-1])
-    raise TypeError(f"Cannot find the hidden size of {type(block).__name__}: it has no LayerNorm.")
+    """Width of a transformer block's residual stream (the size of its first LayerNorm or RMSNorm)."""
+    return block_hidden_width(block)
 
 
 def execution_device(block: nn.Module) -> torch.device | None:
@@ -45,7 +43,7 @@ def execution_device(block: nn.Module) -> torch.device | None:
 class MonaCall:
     """One call of one Mona layer: what its hooks need while the block runs."""
 
-    grid: tuple[int, int] | None
+    grid: tuple[int, int] | TokenLayout | None
     # Mixed batch: (adapter name, sample indices) per adapter; otherwise None and ``adapters`` apply to every sample.
     adapters: tuple[str, ...] = ()
     groups: tuple[tuple[str, torch.Tensor], ...] | None = None
@@ -74,7 +72,7 @@ class MonaLayer(nn.Module, BaseTunerLayer):
         adapter_name: str,
         config: MonaConfig,
         layout: BlockLayout,
-        grid_tracker: PatchGridTracker | None = None,
+        grid_tracker: GridTracker | None = None,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -202,25 +200,31 @@ class MonaLayer(nn.Module, BaseTunerLayer):
     def _delta(self, call: MonaCall, position: str, x: torch.Tensor) -> torch.Tensor | None:
         """What the adapters at ``position`` add to ``x`` [B, N, C], or None when none applies."""
         adapters = getattr(self, POSITION_CONTAINERS[position])
-        height, width = call.grid
-        num_prefix = x.shape[1] - height * width
-        if num_prefix < 0 or (num_prefix > 0 and self.layout.grid_source != "patch_grid"):
-            raise ValueError(
-                f"Mona got {x.shape[1]} tokens in {type(self.base_layer).__name__} but a {height}x{width} token grid; "
-                "the block was called with a grid that does not belong to its input."
-            )
+        grid = call.grid
+        if isinstance(grid, TokenLayout):
+            grid.check(x, f"Mona in {type(self.base_layer).__name__}")
+            num_prefix = 0
+        else:
+            height, width = grid
+            num_prefix = x.shape[1] - height * width if x.dim() == 3 else -1
+            if num_prefix < 0 or (num_prefix > 0 and self.layout.grid_source != "patch_grid"):
+                raise ValueError(
+                    f"Mona got tokens of shape {tuple(x.shape)} in {type(self.base_layer).__name__} but a "
+                    f"{height}x{width} token grid; the block was called with a grid that does not belong to its input."
+                )
         if call.groups is None:
             # Several active adapters compose: each one sees the stream as the previous ones left it.
             total = None
             for name in call.adapters:
                 if name in adapters:
-                    delta = adapters[name](x if total is None else x + total, call.grid, num_prefix)
+                    delta = adapters[name](x if total is None else x + total, grid, num_prefix)
                     total = delta if total is None else total + delta
             return total
         total = None
         for name, index in call.groups:
             if name in adapters:
-                delta = adapters[name](x.index_select(0, index), call.grid, num_prefix)
+                selected = grid.select(index, index.tolist()) if isinstance(grid, TokenLayout) else grid
+                delta = adapters[name](x.index_select(0, index), selected, num_prefix)
                 total = (x.new_zeros(x.shape) if total is None else total).index_copy(0, index, delta)
         return total
 
@@ -258,23 +262,28 @@ class MonaLayer(nn.Module, BaseTunerLayer):
         hidden = hidden + delta
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
-    def _grid(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int]:
+    def _grid(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int] | TokenLayout:
+        if self.layout.grid_source == "token_map":
+            return _TOKEN_MAP
         if self.layout.grid_source == "input_dimensions":
             dims = args[1] if len(args) > 1 else kwargs.get("input_dimensions")
             if dims is None:
                 raise ValueError(f"{type(self.base_layer).__name__} was called without `input_dimensions`.")
             return int(dims[0]), int(dims[1])
-        grid = self.grid_tracker.get() if self.grid_tracker is not None else None
+        grid = self.grid_tracker.get(self.layout.grid_source) if self.grid_tracker is not None else None
         if grid is None:
             raise RuntimeError(
-                "Mona needs the patch grid of the image, recorded when the model's patch embedding runs; call the "
-                "whole model (or its backbone) rather than the blocks on their own."
+                f"Mona needs the token grid of the image, recorded when the {self.layout.family} model's "
+                f"{'patch embedding' if self.layout.grid_source == 'patch_grid' else 'vision tower'} runs; call the "
+                "whole model (or its vision tower) rather than the blocks on their own."
             )
         return grid
 
     def __repr__(self) -> str:
         return "mona." + super().__repr__()
 
+
+_TOKEN_MAP = TokenMap()
 
 MERGE_ERROR = (
     "Mona adapters cannot be merged into the base weights: Mona is non-linear (LayerNorm, GELU and a spatial filter "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -22,15 +23,30 @@ from .families import (
     block_path_spellings,
     canonical_block_path,
     is_patch_grid_conv,
+    is_text_block,
     layout_for,
+    tower_layout_for,
 )
-from .grid import PatchGridTracker
+from .grid import GridTracker
 from .heads import task_head_modules
 from .layer import MERGE_ERROR, POSITION_CONTAINERS, MonaLayer
 
 
 def _unwrapped(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, MonaLayer) else module
+
+
+def skipped_text_blocks(model: nn.Module) -> list[str]:
+    """Blocks of a supported class that sit in a text tower (CLIP's, SigLIP's): Mona leaves them alone."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if name
+        and "base_layer" not in name.split(".")
+        and (layout := layout_for(_unwrapped(module))) is not None
+        and layout.vision_only
+        and is_text_block(model, name)
+    ]
 
 
 def default_target_regex(model: nn.Module) -> str:
@@ -42,7 +58,7 @@ def default_target_regex(model: nn.Module) -> str:
     patterns: list[str] = []
     for name, module in model.named_modules():
         layout = None if not name or "base_layer" in name.split(".") else layout_for(_unwrapped(module))
-        if layout is None:
+        if layout is None or (layout.vision_only and is_text_block(model, name)):
             continue
         name = canonical_block_path(name, layout)
         pattern = re.sub(r"(^|\\\.)\d+(?=\\\.|$)", r"\1\\d+", re.escape(name))
@@ -82,6 +98,13 @@ class MonaModel(BaseTuner):
     def _prepare_adapter_config(self, peft_config: MonaConfig, model_config: dict) -> MonaConfig:
         if peft_config.target_modules is None:
             peft_config.target_modules = default_target_regex(self.model)
+            skipped = skipped_text_blocks(self.model)
+            if skipped:
+                warnings.warn(
+                    f"Mona adapts image tokens only: it skipped {len(skipped)} block(s) of a text tower "
+                    f"({skipped[0]}, ...), which stay exactly as they are.",
+                    stacklevel=2,
+                )
         targeted = self._check_targets(peft_config)
         if peft_config.modules_to_save is None:
             # A new adapter trains the task head by default; the choice is saved in adapter_config.json, so loading
@@ -97,6 +120,7 @@ class MonaModel(BaseTuner):
         # Copies of accelerate-offloaded heads (modules_to_save) become resident, trainable modules (see dispatch.py).
         with keep_offloaded_heads(model):
             super().inject_adapter(model, adapter_name, *args, **kwargs)
+        self._hook_grid_sources()
 
     def _check_targets(self, peft_config: MonaConfig) -> list[str]:
         """Names of the blocks to adapt; fails before touching the model if a target is not a supported block or
@@ -108,7 +132,14 @@ class MonaModel(BaseTuner):
             if not self._check_target_module_exists(peft_config, name):
                 continue
             block = _unwrapped(module)
-            if layout_for(block) is None:
+            layout = layout_for(block)
+            if layout is not None and layout.vision_only and is_text_block(self.model, name):
+                raise ValueError(
+                    f"target_modules={peft_config.target_modules!r} matches '{name}', a block of a text tower: Mona "
+                    "filters image tokens on their patch grid and has nothing to do on text. Target the vision "
+                    "tower's blocks only (or leave target_modules=None)."
+                )
+            if layout is None:
                 raise ValueError(
                     f"Mona wraps whole transformer blocks, but target_modules={peft_config.target_modules!r} matches "
                     f"'{name}' ({type(block).__name__}). Target blocks of these classes instead: "
@@ -198,18 +229,34 @@ class MonaModel(BaseTuner):
         # The adapter is placed on the block's device by MonaLayer itself (a block has no `.weight` to follow).
         setattr(parent, child_name, new_module)
 
-    def _patch_grid_tracker(self) -> PatchGridTracker:
-        """The model-wide tracker of ViT-family patch grids, hooked onto every patch-embedding conv once."""
+    def _patch_grid_tracker(self) -> GridTracker:
+        """The model-wide tracker of token grids (see :class:`~mona_peft.grid.GridTracker`); its hooks are added by
+        :meth:`_hook_grid_sources` once the adapter is injected."""
         tracker = self.__dict__.get("_mona_grid_tracker")
         if tracker is None:
-            tracker = PatchGridTracker()
+            tracker = GridTracker()
             self._mona_grid_tracker = tracker
-            self._mona_grid_hooks = [
-                module.register_forward_hook(tracker.hook)
-                for name, module in self.model.named_modules()
-                if is_patch_grid_conv(name, module)
-            ]
+            self._mona_grid_hooks = []
         return tracker
+
+    def _hook_grid_sources(self) -> None:
+        """Hook the tracker onto every patch-embedding conv and vision tower that records a grid, including copies
+        made by ``modules_to_save`` (PEFT makes them after the blocks are replaced); each module once."""
+        tracker = self.__dict__.get("_mona_grid_tracker")
+        if tracker is None:
+            return
+        hooked = self.__dict__.setdefault("_mona_grid_hooked", set())
+        for name, module in self.model.named_modules():
+            if id(module) in hooked:
+                continue
+            if is_patch_grid_conv(name, module):
+                self._mona_grid_hooks.append(module.register_forward_hook(tracker.patch_hook))
+            elif (layout := tower_layout_for(module)) is not None:
+                hook = tracker.tower_hook(layout.tower_layout)
+                self._mona_grid_hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            else:
+                continue
+            hooked.add(id(module))
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
@@ -276,6 +323,7 @@ class MonaModel(BaseTuner):
         for handle in self.__dict__.pop("_mona_grid_hooks", []):
             handle.remove()
         self.__dict__.pop("_mona_grid_tracker", None)
+        self.__dict__.pop("_mona_grid_hooked", None)
         return model
 
 
