@@ -678,9 +678,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--name", default=None, help="results file name (default profile, or profile_quick)")
     parser.add_argument("--results-dir", type=Path, default=None)
     args = parser.parse_args(argv)
+    threads_before = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads_before)  # main() also runs in-process (tests): leave the thread count as found
 
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     if args.quick:
         shape = dict(batch=2, prefix=1, grid=4, hidden=32, bottleneck=8)
