@@ -5,7 +5,7 @@ storage (``to_empty``: allocated, never written, so it costs address space rathe
 added, since Mona refuses blocks whose weights are on ``meta`` with nothing to load them. The adapter file size is the
 size of ``adapter_model.safetensors`` written by a real ``save_pretrained`` (fp32, adapter only, no task head).
 
-    python -m benchmarks.params            # all models (a minute or two)
+    python -m benchmarks.params            # all models and the vision towers (a few minutes)
     python -m benchmarks.params --quick    # Swin-T and Swin-L at bottleneck 64 only (smoke test)
 """
 
@@ -160,6 +160,112 @@ def measure_upernet_swin_l(bottleneck: int = 64) -> dict[str, Any]:
     }
 
 
+def _towers() -> dict[str, tuple[Any, list[str]]]:
+    """The vision towers people fine-tune today, at their published sizes: (build on meta, LoRA's q/v targets)."""
+    import transformers as tf
+    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+    qv = ["q_proj", "v_proj"]
+    return {
+        "CLIP ViT-L/14 (vision)": (
+            lambda: tf.CLIPVisionModel(
+                tf.CLIPVisionConfig(
+                    hidden_size=1024,
+                    intermediate_size=4096,
+                    num_hidden_layers=24,
+                    num_attention_heads=16,
+                    patch_size=14,
+                    image_size=224,
+                )
+            ),
+            qv,
+        ),
+        "SigLIP so400m/14 (vision)": (
+            lambda: tf.SiglipVisionModel(
+                tf.SiglipVisionConfig(
+                    hidden_size=1152,
+                    intermediate_size=4304,
+                    num_hidden_layers=27,
+                    num_attention_heads=16,
+                    patch_size=14,
+                    image_size=384,
+                )
+            ),
+            qv,
+        ),
+        "DINOv3 ViT-L/16": (
+            lambda: tf.DINOv3ViTModel(
+                tf.DINOv3ViTConfig(
+                    hidden_size=1024,
+                    intermediate_size=4096,
+                    num_hidden_layers=24,
+                    num_attention_heads=16,
+                    patch_size=16,
+                    num_register_tokens=4,
+                )
+            ),
+            qv,
+        ),
+        "SAM ViT-H (image encoder)": (
+            lambda: tf.SamVisionModel(
+                tf.SamVisionConfig(
+                    hidden_size=1280,
+                    num_hidden_layers=32,
+                    num_attention_heads=16,
+                    mlp_dim=5120,
+                    global_attn_indexes=[7, 15, 23, 31],
+                )
+            ),
+            ["qkv"],  # one fused projection: LoRA on all of q, k and v
+        ),
+        "Qwen2-VL vision tower": (
+            lambda: Qwen2VisionTransformerPretrainedModel._from_config(
+                Qwen2VLVisionConfig(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, hidden_size=3584)
+            ),
+            ["qkv"],
+        ),
+    }
+
+
+def measure_towers(bottleneck: int = 64) -> list[dict[str, Any]]:
+    """Mona (every block of the tower) next to LoRA r=16 on the attention projections, per vision tower."""
+    from peft import LoraConfig
+
+    rows = []
+    for name, (build, targets) in _towers().items():
+        with torch.device("meta"):
+            probe = build()
+        backbone = count(probe.parameters())
+        widths = block_widths(probe)
+        mona = get_peft_model(unwritten(probe), mona_config(bottleneck_dim=bottleneck))
+        with torch.device("meta"):
+            base = build()
+        lora = get_peft_model(unwritten(base), LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=targets))
+        mona_params = adapter_params(mona, ".mona_")
+        if mona_params != mona_formula(widths, bottleneck):
+            raise AssertionError(
+                f"{name}: {mona_params:,} Mona parameters, formula {mona_formula(widths, bottleneck):,}"
+            )
+        lora_params = adapter_params(lora, "lora_")
+        rows.append(
+            {
+                "name": name,
+                "blocks": len(widths),
+                "width": widths[0],
+                "backbone_params": backbone,
+                "bottleneck": bottleneck,
+                "mona_params": mona_params,
+                "mona_share": mona_params / backbone,
+                "lora_targets": targets,
+                "lora_params": lora_params,
+                "lora_share": lora_params / backbone,
+            }
+        )
+        print(f"{name:28s} {backbone:>13,}  Mona m={bottleneck} {mona_params:,}  LoRA {lora_params:,}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="Swin-T and Swin-L at bottleneck 64 only")
@@ -186,6 +292,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         lora = entry["lora"]["params"]
         print(f"{entry['name']:12s} backbone {entry['backbone_params']:>12,}  Mona {shares}  LoRA {lora:,}")
     payload["upernet_swin_l"] = measure_upernet_swin_l()
+    if not args.quick:
+        payload["towers"] = measure_towers()
     payload["seconds"] = round(time.perf_counter() - start, 1)
     path = write_results("params_quick" if args.quick else "params", payload, args.results_dir)
     print(f"wrote {path} in {payload['seconds']} s")

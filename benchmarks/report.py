@@ -178,6 +178,24 @@ def params_section(params: dict[str, Any], docs: Path) -> str:
         f"({up['trainable_with_heads']:,} trainable in all).",
         "",
     ]
+    if params.get("towers"):
+        tower_rows = [
+            [
+                t["name"],
+                f"{t['blocks']} x {t['width']}",
+                f"{t['backbone_params']:,}",
+                f"{t['mona_params']:,} ({_pct(t['mona_share'])})",
+                f"{t['lora_params']:,} ({_pct(t['lora_share'])}) on {', '.join(f'`{x}`' for x in t['lora_targets'])}",
+            ]
+            for t in params["towers"]
+        ]
+        lines += [
+            f"**Vision towers** (Mona at m = {params['towers'][0]['bottleneck']} in every block; LoRA r = 16 on q/v, "
+            "or on the fused `qkv` projection where the tower has one, which adapts k as well):",
+            "",
+            _table(["tower", "blocks x width", "params", "Mona", "LoRA r=16"], tower_rows, "lrrrr"),
+            "",
+        ]
     if _plot_params(params, docs / "params_share.png"):
         lines += [
             "![Mona and LoRA parameter share vs backbone size](params_share.png)",
