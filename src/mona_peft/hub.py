@@ -17,14 +17,13 @@ import functools
 import json
 import os
 import posixpath
-import re
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import huggingface_hub
-from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, hf_hub_download
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
@@ -33,24 +32,26 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import validate_repo_id
 from peft import PeftModel
 from peft.utils import PeftType, get_peft_model_state_dict
 
 from .config import MonaConfig
+from .model_card import (
+    MONA_PAPER_URL,
+    CardMetadata,
+    CardSection,
+    as_list,
+    build_card,
+    framework_versions,
+    hub_model_id,
+    markdown_table,
+)
 
-MONA_PAPER_URL = "https://arxiv.org/abs/2408.08345"
 CONFIG_NAME = "adapter_config.json"
 NO_TOKEN_MESSAGE = (
     "Pushing to the Hub needs a Hugging Face token with write access, and none was found. Pass `token=...`, set the "
     "HF_TOKEN environment variable, or run `hf auth login` (older clients: `huggingface-cli login`). Nothing was "
     "created or uploaded."
-)
-# Sentences of the boilerplate cards of transformers and of huggingface_hub's default template (used by PEFT):
-# a README containing one of them was generated, not written by a person, and is replaced rather than extended.
-_BOILERPLATE = (
-    "This model card has been automatically generated.",
-    "<!-- Provide a quick summary of what the model is/does. -->",
 )
 _TASKS_BY_CLASS_SUFFIX = (
     ("ForImageClassificationWithTeacher", "image-classification"),
@@ -91,49 +92,12 @@ def adapter_path(adapter_name: str, subfolder: str | None = None) -> str:
     return posixpath.join(subfolder or "", "" if adapter_name == "default" else adapter_name).strip("/")
 
 
-def hub_model_id(name_or_path: str | None) -> str | None:
-    """``name_or_path`` if it names a Hub repo (not a local directory, not empty), else None."""
-    if not name_or_path or os.path.exists(name_or_path):
-        return None
-    try:
-        validate_repo_id(name_or_path)
-    except HFValidationError:
-        return None
-    return name_or_path
-
-
 def _base_model_id(model: PeftModel, adapter_names: Sequence[str]) -> str | None:
     for name in adapter_names:
         found = hub_model_id(model.peft_config[name].base_model_name_or_path)
         if found:
             return found
     return hub_model_id(getattr(model.get_base_model(), "name_or_path", None))
-
-
-def _as_list(value: str | Iterable[str] | None) -> list[str]:
-    if value is None:
-        return []
-    return [value] if isinstance(value, str) else list(value)
-
-
-def _merge_unique(*lists: Iterable[str]) -> list[str]:
-    merged: list[str] = []
-    for items in lists:
-        merged.extend(item for item in items if item and item not in merged)
-    return merged
-
-
-def _versions() -> str:
-    import peft
-    import torch
-    import transformers
-
-    from . import __version__
-
-    return (
-        f"PEFT {peft.__version__}, mona_peft {__version__}, transformers {transformers.__version__}, "
-        f"torch {torch.__version__}"
-    )
 
 
 def _load_snippet(
@@ -175,7 +139,7 @@ def _adapter_section(
     datasets: Sequence[str],
     metrics: Mapping[str, float],
     revision: str | None,
-) -> str:
+) -> CardSection:
     config: MonaConfig = model.peft_config[adapter_name]
     base = model.get_base_model()
     import transformers
@@ -207,39 +171,33 @@ def _adapter_section(
         rows.append(("Dataset", ", ".join(f"[`{d}`]({endpoint}/datasets/{d})" for d in datasets)))
     if metrics:
         rows.append(("Results", ", ".join(f"{name} {value:g}" for name, value in metrics.items())))
-    table = "\n".join(["| | |", "|---|---|", *(f"| {key} | {value} |" for key, value in rows)])
-    where = f"`{path}/`" if path else "the repository root"
     snippet = _load_snippet(base_class, base_id, repo_id, path, adapter_name, revision, num_labels)
-    return (
-        f"{_marker(path)}\n"
-        f"## Adapter `{adapter_name}` ({where})\n\n"
-        f"{table}\n\n"
-        f"### How to load\n\n"
-        f"```python\n{snippet}\n```\n\n"
-        f"Framework versions: {_versions()}.\n"
-        f"{_end_marker(path)}"
+    return CardSection(
+        f"Adapter `{adapter_name}` ({f'`{path}/`' if path else 'the repository root'})",
+        [
+            *markdown_table(["", ""], rows),
+            "",
+            "### How to load",
+            "",
+            f"```python\n{snippet}\n```",
+            "",
+            f"Framework versions: {framework_versions()}.",
+        ],
+        key=f"adapter: {path or '.'}",
     )
 
 
-def _marker(path: str) -> str:
-    return f"<!-- mona_peft adapter: {path or '.'} -->"
-
-
-def _end_marker(path: str) -> str:
-    return f"<!-- /mona_peft adapter: {path or '.'} -->"
-
-
-def _header(repo_id: str, base_id: str | None) -> str:
+def _intro(base_id: str | None) -> list[str]:
     endpoint = huggingface_hub.constants.ENDPOINT.rstrip("/")
     base = f" for [`{base_id}`]({endpoint}/{base_id})" if base_id else ""
-    return (
-        f"# {repo_id.split('/')[-1]}\n\n"
+    return [
         f"[Mona]({MONA_PAPER_URL}) (the multi-cognitive visual adapter, Yin et al., CVPR 2025) adapter weights{base}, "
-        "made with [PEFT](https://github.com/huggingface/peft) and `mona_peft`.\n\n"
+        "made with [PEFT](https://github.com/huggingface/peft) and `mona_peft`.",
+        "",
         "Mona is not built into PEFT: install the `mona_peft` package and `import mona_peft` before loading "
         "(the import registers the method; without it PEFT fails with `KeyError: 'MONA'`). Mona adds small adapters "
-        "on the residual stream of every transformer block; it cannot be merged into the base weights.\n"
-    )
+        "on the residual stream of every transformer block; it cannot be merged into the base weights.",
+    ]
 
 
 def build_model_card(
@@ -256,7 +214,8 @@ def build_model_card(
     metrics: Mapping[str, float] | None = None,
     tags: Sequence[str] | None = None,
 ) -> ModelCard:
-    """The model card of a repo after pushing ``model``'s Mona adapters to it (no network access).
+    """The model card of a repo after pushing ``model``'s Mona adapters to it (no network access), made by
+    :func:`mona_peft.model_card.build_card`.
 
     Args:
         model: a ``PeftModel`` holding Mona adapters.
@@ -280,63 +239,26 @@ def build_model_card(
     names = list(adapter_names or model.peft_config)
     base_id = base_model or _base_model_id(model, names)
     base = model.get_base_model()
-    task = task or infer_task(type(base).__name__)
-    datasets = _as_list(datasets)
+    inferred = infer_task(type(base).__name__)
+    task = task or inferred
+    datasets = as_list(datasets)
     metrics = dict(metrics or {})
-
-    data = existing.data if existing is not None else ModelCardData()
-    text = existing.text if existing is not None else ""
-    if existing is None or any(sentence in text for sentence in _BOILERPLATE) or not text.strip():
-        text = _header(repo_id, base_id)
-    for name in names:
-        path = adapter_path(name, subfolder)
-        section = _adapter_section(model, name, repo_id, path, base_id, task, datasets, metrics, revision)
-        pattern = re.compile(re.escape(_marker(path)) + r".*?" + re.escape(_end_marker(path)), flags=re.DOTALL)
-        match = pattern.search(text)
-        if match:
-            text = text[: match.start()] + section + text[match.end() :]
-        else:
-            text = text.rstrip("\n") + "\n\n" + section + "\n"
-
-    data.library_name = "peft"
-    if base_id:
-        known = _as_list(data.base_model)
-        data.base_model = base_id if not known or known == [base_id] else _merge_unique(known, [base_id])
-    if task and (not data.pipeline_tag or task != infer_task(type(base).__name__)):
-        data.pipeline_tag = task
-    data.tags = _merge_unique(
-        _as_list(data.tags),
-        ["mona", "peft", "transformers", "vision"],
-        [f"base_model:adapter:{base_id}"] if base_id else [],
-        _as_list(getattr(base, "model_tags", None)),
-        _as_list(tags),
+    sections = [
+        _adapter_section(
+            model, name, repo_id, adapter_path(name, subfolder), base_id, task, datasets, metrics, revision
+        )
+        for name in names
+    ]
+    metadata = CardMetadata(
+        library_name="peft",
+        pipeline_tag=task,
+        keep_pipeline_tag=task == inferred,
+        base_model=base_id,
+        datasets=datasets,
+        results=metrics,
+        tags=["mona", "peft", "transformers", "vision", *as_list(getattr(base, "model_tags", None)), *as_list(tags)],
     )
-    if datasets:
-        data.datasets = _merge_unique(_as_list(data.datasets), datasets)
-    if metrics:
-        data.metrics = _merge_unique(_as_list(data.metrics), metrics)
-        if datasets and task:
-            new = [
-                EvalResult(
-                    task_type=task,
-                    dataset_type=datasets[0],
-                    dataset_name=datasets[0],
-                    metric_type=metric,
-                    metric_value=value,
-                )
-                for metric, value in metrics.items()
-            ]
-            replaced = {(r.task_type, r.dataset_type, r.metric_type) for r in new}
-            kept = [
-                r for r in (data.eval_results or []) if (r.task_type, r.dataset_type, r.metric_type) not in replaced
-            ]
-            data.eval_results = kept + new
-            data.model_name = data.model_name or repo_id.split("/")[-1]
-
-    card = ModelCard("")
-    card.data = data
-    card.text = text if text.startswith("\n") else "\n" + text
-    return card
+    return build_card(repo_id.split("/")[-1], _intro(base_id), sections, metadata, existing)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

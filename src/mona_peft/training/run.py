@@ -22,10 +22,20 @@ from transformers import TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ..metrics import load_accuracy
+from ..model_card import hub_model_id
 from .arguments import DataArguments, ModelArguments, parse_args
-from .card import OFFLINE_BASE_DESCRIPTION, OFFLINE_BASE_HUB_ID, CardInfo, write_model_card
+from .card import (
+    METHOD_DESCRIPTIONS,
+    METHOD_TITLES,
+    OFFLINE_BASE_DESCRIPTION,
+    OFFLINE_BASE_HUB_ID,
+    TrainingCard,
+    classification_usage,
+    recipe_hyperparameters,
+    results_table,
+    write_training_card,
+)
 from .data import ImageClassificationData, ImageClassificationDataset, Preprocessing, make_collator, prepare_data
-from .distributed import describe_distributed
 from .plots import CURVES_FILE, plot_training_curves
 from .recipe import (
     EpochCallback,
@@ -183,7 +193,7 @@ def make_trainer(experiment: Experiment, callbacks: Sequence[TrainerCallback] = 
         callbacks=[EpochCallback(experiment.train_set), *callbacks],
         head_learning_rate=experiment.model_args.head_learning_rate,
         head_names=head_module_names(base_model(experiment.model)),
-        model_card_writer=lambda directory, steps: write_model_card(
+        model_card_writer=lambda directory, steps: write_training_card(
             card_info(experiment, _metrics_of(directory), steps), directory
         ),
     )
@@ -246,35 +256,51 @@ def save(experiment: Experiment, trainer: RecipeTrainer, metrics: dict[str, floa
     if is_peft_method(experiment.model_args.method):
         save_label_config(experiment.model, output_dir)
     experiment.preprocessing.update_processor(experiment.processor).save_pretrained(output_dir)
-    write_model_card(card_info(experiment, metrics, trainer.state.global_step), output_dir)
+    write_training_card(card_info(experiment, metrics, trainer.state.global_step), output_dir)
     title = f"{experiment.model_args.method} - {experiment.data.description}"
     plot_training_curves(trainer.state.log_history, output_dir / CURVES_FILE, title=title)
 
 
-def card_info(experiment: Experiment, metrics: dict[str, float], steps: int | None = None) -> CardInfo:
+def card_info(experiment: Experiment, metrics: dict[str, float], steps: int | None = None) -> TrainingCard:
     """What the model card says about this experiment and its results."""
     model_args, data_args, training_args = experiment.model_args, experiment.data_args, experiment.training_args
-    output_dir = experiment.output_dir
+    output_dir, labels, image_size = experiment.output_dir, experiment.data.labels, experiment.preprocessing.image_size
     trainable, total = count_parameters(experiment.model)
     weights = next((output_dir / n for n in WEIGHT_FILES if (output_dir / n).exists()), None)
     offline = model_args.model_name_or_path is None
     pushed = training_args.push_to_hub and training_args.hub_model_id
-    return CardInfo(
+    hyperparameters = recipe_hyperparameters(
+        training_args,
+        model_args,
+        steps,
+        head="new head",
+        no_decay="norms, biases, scale vectors, tokens",
+        image_size=data_args.image_size,
+        augmentation=f"random-resized crop (area {data_args.min_crop_scale}-1) + horizontal flip",
+    )
+    hyperparameters["split seed"] = data_args.split_seed
+    return TrainingCard(
         method=model_args.method,
-        base_model=OFFLINE_BASE_HUB_ID if offline else _hub_id(model_args.model_name_or_path),
+        task="image-classification",
+        title=f"{METHOD_TITLES[model_args.method]} image classifier: {', '.join(labels)}",
+        method_description=METHOD_DESCRIPTIONS[model_args.method].format(lora_rank=model_args.lora_rank),
+        base_model=OFFLINE_BASE_HUB_ID if offline else hub_model_id(model_args.model_name_or_path),
         base_description=OFFLINE_BASE_DESCRIPTION if offline else f"`{model_args.model_name_or_path}`",
         dataset=experiment.data.hub_dataset or (DEFAULT_DATASET_ID if data_args.train_dir is None else None),
-        data_description=experiment.data.description,
-        labels=experiment.data.labels,
-        image_size=experiment.preprocessing.image_size,
-        results=metrics,
+        data_description=f"{experiment.data.description}; {len(labels)} classes ({', '.join(labels)}); inputs "
+        f"{image_size} x {image_size} pixels",
         trainable_parameters=trainable,
         total_parameters=total,
-        hyperparameters=_hyperparameters(training_args, model_args, data_args, steps),
-        method_options={"lora_rank": model_args.lora_rank},
+        results=results_table(metrics, [("accuracy", "accuracy")]),
+        usage=classification_usage(
+            model_args.method,
+            training_args.hub_model_id if pushed else str(output_dir),
+            None if offline else model_args.model_name_or_path,
+        ),
+        metrics=["accuracy"],
+        hyperparameters=hyperparameters,
         weights_bytes=weights.stat().st_size if weights else None,
-        model_reference=training_args.hub_model_id if pushed else str(output_dir),
-        base_reference=None if offline else model_args.model_name_or_path,
+        tags=["image-classification", "vision"],
     )
 
 
@@ -290,42 +316,6 @@ def _validation_metrics(trainer: RecipeTrainer, dataset: ImageClassificationData
         if "eval_accuracy" in entry and entry.get("step") == state.global_step:
             return {k: v for k, v in entry.items() if k.startswith("eval_")}
     return trainer.evaluate(dataset)
-
-
-def _hyperparameters(
-    training_args: TrainingArguments, model_args: ModelArguments, data_args: DataArguments, steps: int | None
-) -> dict[str, Any]:
-    warmup = getattr(training_args, "warmup_ratio", None) or training_args.warmup_steps
-    optim = getattr(training_args.optim, "value", training_args.optim)
-    scheduler = getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)
-    params: dict[str, Any] = {
-        "method": model_args.method,
-        "optimizer": optim,
-        "learning rate (peak)": training_args.learning_rate,
-        "learning rate of the new head (peak)": model_args.head_learning_rate,
-        "weight decay (not on norms, biases, scale vectors, tokens)": training_args.weight_decay,
-        "scheduler": f"{scheduler} {training_args.lr_scheduler_kwargs or ''}".strip(),
-        "warm-up": warmup,
-        "gradient clipping (max norm)": training_args.max_grad_norm,
-        "batch size per device": training_args.per_device_train_batch_size,
-        "gradient accumulation": training_args.gradient_accumulation_steps,
-        "processes": training_args.world_size,
-        "distributed": describe_distributed() if training_args.world_size > 1 else None,
-        "optimizer steps": steps,
-        "image size": data_args.image_size,
-        "augmentation": f"random-resized crop (area {data_args.min_crop_scale}-1) + horizontal flip",
-        "seed": training_args.seed,
-        "split seed": data_args.split_seed,
-    }
-    if model_args.method == "mona":
-        params["bottleneck_dim"] = model_args.bottleneck_dim
-    if model_args.method == "lora":
-        params.update(
-            lora_rank=model_args.lora_rank, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout
-        )
-    if training_args.bf16 or training_args.fp16:
-        params["mixed precision"] = "bf16" if training_args.bf16 else "fp16"
-    return {k: v for k, v in params.items() if v is not None}
 
 
 def train(
@@ -359,13 +349,6 @@ def train(
             flush=True,
         )
     return RunResult(experiment.output_dir, metrics, experiment.data, wall, trainer)
-
-
-def _hub_id(name_or_path: str) -> str | None:
-    """``name_or_path`` if it looks like a Hub repo id rather than a local directory."""
-    if Path(name_or_path).exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        return None
-    return name_or_path
 
 
 def main(argv: Sequence[str] | None = None) -> RunResult:

@@ -20,11 +20,12 @@ from torch import nn
 from transformers import EvalPrediction, TrainerCallback, TrainingArguments, set_seed
 
 from ...metrics import load_mean_iou
-from ..card import _fmt, _size, _versions
+from ...model_card import hub_model_id, markdown_table
+from ..card import METHOD_TITLES, TrainingCard, recipe_hyperparameters, results_table, write_training_card
 from ..data import IMAGENET_MEAN, IMAGENET_STD, DataError
 from ..plots import CURVES_FILE, plot_training_curves
 from ..recipe import EpochCallback, ModelError, RecipeTrainer, base_model, count_parameters, load_image_processor
-from ..run import RESULTS_FILE, WEIGHT_FILES, OutputDirError, _hub_id, check_output_dir
+from ..run import RESULTS_FILE, WEIGHT_FILES, OutputDirError, check_output_dir
 from .arguments import SegmentationDataArguments, SegmentationModelArguments, parse_segmentation_args
 from .data import (
     SegmentationData,
@@ -181,8 +182,8 @@ def make_segmentation_trainer(
         callbacks=[EpochCallback(experiment.train_set), *callbacks],
         head_learning_rate=experiment.model_args.head_learning_rate,
         head_names=segmentation_head_names(base_model(experiment.model)),
-        model_card_writer=lambda directory, steps: write_segmentation_card(
-            experiment, _metrics_of(directory), directory, steps
+        model_card_writer=lambda directory, steps: write_training_card(
+            segmentation_card(experiment, _metrics_of(directory), steps), directory
         ),
     )
 
@@ -248,7 +249,7 @@ def save_segmentation(experiment: SegmentationExperiment, trainer: RecipeTrainer
         reduce_labels=prep.reduce_labels,
         labels=experiment.data.labels,
     )
-    write_segmentation_card(experiment, metrics, output_dir, trainer.state.global_step)
+    write_training_card(segmentation_card(experiment, metrics, trainer.state.global_step), output_dir)
     title = f"{experiment.model_args.method} - segmentation"
     plot_training_curves(
         trainer.state.log_history,
@@ -267,119 +268,71 @@ METHOD_TEXT = {
 }
 
 
-def render_segmentation_card(experiment: SegmentationExperiment, metrics: dict[str, float], steps: int | None) -> str:
-    """The model card (Markdown with YAML front matter) of a segmentation run."""
-    from huggingface_hub import ModelCardData
-
+def segmentation_card(
+    experiment: SegmentationExperiment, metrics: dict[str, float], steps: int | None = None
+) -> TrainingCard:
+    """What the model card says about a segmentation run and its results."""
     model_args, data_args, training_args = experiment.model_args, experiment.data_args, experiment.training_args
-    method = model_args.method
-    adapter = method in ("mona", "lora")
+    data, prep, output_dir = experiment.data, experiment.preprocessing, experiment.output_dir
+    size = data_args.image_size
+    reduced = "; labels reduced (ADE20K convention)" if data.reduce_labels else ""
     offline = model_args.model_name_or_path is None
-    data = experiment.data
     trainable, total = count_parameters(experiment.model)
-    output_dir = experiment.output_dir
     weights = next((output_dir / n for n in WEIGHT_FILES if (output_dir / n).exists()), None)
-    metadata = ModelCardData(
-        library_name="peft" if adapter else "transformers",
-        base_model=None if offline else _hub_id(model_args.model_name_or_path),
-        datasets=[data.hub_dataset] if data.hub_dataset else None,
-        metrics=["mean_iou"],
-        pipeline_tag="image-segmentation",
-        tags=list(dict.fromkeys(["peft", method] if adapter else [method]))
-        + ["semantic-segmentation", "upernet", "swin", "vision"],
-    )
-    base = OFFLINE_SEGMENTATION_BASE if offline else f"`{model_args.model_name_or_path}`"
-    share = 100 * trainable / max(total, 1)
-    lines = [
-        f"# {method.capitalize() if method != 'lora' else 'LoRA'} semantic segmentation (UperNet-Swin): "
-        f"{', '.join(data.labels)}",
-        "",
-        f"Fine-tuned with {METHOD_TEXT[method].format(rank=model_args.lora_rank)}.",
-        "",
-        f"- Base model: {base}.",
-        f"- Data: {data.description}; {len(data.labels)} classes; inputs and masks {data_args.image_size} x "
-        f"{data_args.image_size} pixels; mask value {data.ignore_index} ignored"
-        + ("; labels reduced (ADE20K convention)" if data.reduce_labels else "")
-        + ".",
-        f"- Trained parameters: {trainable:,} of {total:,} ({share:.2f}%)"
-        + (f"; weights file {_size(weights.stat().st_size)}." if weights else "."),
-        "",
-        "## Results",
-        "",
+    results = [
         "Mean IoU over the classes, accumulated over all pixels of a split at the model's input resolution.",
         "",
-        "| split | images | mean IoU | mean accuracy | pixel accuracy |",
-        "|---|---|---|---|---|",
+        *results_table(
+            metrics,
+            [("mean_iou", "mean IoU"), ("mean_accuracy", "mean accuracy"), ("overall_accuracy", "pixel accuracy")],
+        ),
     ]
-    for split, name in (("validation", "validation"), ("test", "test (held out)")):
-        if f"{split}_mean_iou" in metrics:
-            lines.append(
-                f"| {name} | {int(metrics.get(f'{split}_samples', 0))} | {metrics[f'{split}_mean_iou']:.4f} | "
-                f"{metrics[f'{split}_mean_accuracy']:.4f} | {metrics[f'{split}_overall_accuracy']:.4f} |"
-            )
     per_class = [(label, metrics.get(f"test_iou_{label}")) for label in data.labels]
-    if any(v is not None for _, v in per_class):
-        lines += ["", "| class | test IoU |", "|---|---|"]
-        lines += [f"| {label} | {'' if v is None else f'{v:.4f}'} |" for label, v in per_class]
-    ref = str(output_dir)
-    lines += [
-        "",
-        "## How to use",
-        "",
+    if any(value is not None for _, value in per_class):
+        rows = [(label, None if value is None else f"{value:.4f}") for label, value in per_class]
+        results += ["", *markdown_table(["class", "test IoU"], rows)]
+    usage = [
         "```python",
         "import mona_peft  # first: registers Mona with PEFT",
         "from mona_peft.training.segmentation import load_trained_segmenter",
         "",
-        f'model = load_trained_segmenter("{ref}")  # UperNet + backbone + adapter and head',
+        f'model = load_trained_segmenter("{output_dir}")  # UperNet + backbone + adapter and head',
         "logits = model(pixel_values=pixel_values).logits  # [batch, classes, height, width]",
         "```",
         "",
-        f"Inputs are RGB images resized to {data_args.image_size} x {data_args.image_size} and normalised with mean "
-        f"{[round(v, 3) for v in experiment.preprocessing.mean]} and std "
-        f"{[round(v, 3) for v in experiment.preprocessing.std]} (also in `segmentation.json`).",
-        "",
-        "## Training",
-        "",
-        "| hyperparameter | value |",
-        "|---|---|",
+        f"Inputs are RGB images resized to {size} x {size} and normalised with mean "
+        f"{[round(v, 3) for v in prep.mean]} and std {[round(v, 3) for v in prep.std]} (also in `segmentation.json`).",
     ]
-    warmup = getattr(training_args, "warmup_ratio", None) or training_args.warmup_steps
-    scheduler = getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)
-    params: dict[str, Any] = {
-        "method": method,
-        "optimizer": getattr(training_args.optim, "value", training_args.optim),
-        "learning rate (peak)": training_args.learning_rate,
-        "learning rate of the UperNet head (peak)": model_args.head_learning_rate,
-        "weight decay (not on norms, biases, scale vectors, tables)": training_args.weight_decay,
-        "scheduler": f"{scheduler} {training_args.lr_scheduler_kwargs or ''}".strip(),
-        "warm-up": warmup,
-        "gradient clipping (max norm)": training_args.max_grad_norm,
-        "batch size per device": training_args.per_device_train_batch_size,
-        "processes": training_args.world_size,
-        "optimizer steps": steps,
-        "image size": data_args.image_size,
-        "augmentation": f"random crop (area {data_args.min_crop_scale}-1) of image and mask + horizontal flip",
-        "seed": training_args.seed,
-    }
-    if method == "mona":
-        params["bottleneck_dim"] = model_args.bottleneck_dim
-    if method == "lora":
-        params.update(lora_rank=model_args.lora_rank, lora_alpha=model_args.lora_alpha)
+    hyperparameters = recipe_hyperparameters(
+        training_args,
+        model_args,
+        steps,
+        head="UperNet head",
+        no_decay="norms, biases, scale vectors, tables",
+        image_size=size,
+        augmentation=f"random crop (area {data_args.min_crop_scale}-1) of image and mask + horizontal flip",
+    )
     if offline:
-        params["backbone config"] = json.dumps(RANDOM_SWIN_CONFIG)
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in params.items() if v is not None]
-    lines += ["", "## Framework versions", ""]
-    lines += [f"- {name} {version}" for name, version in _versions().items()]
-    return f"---\n{metadata.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
-
-
-def write_segmentation_card(
-    experiment: SegmentationExperiment, metrics: dict[str, float], output_dir: str | Path, steps: int | None = None
-) -> Path:
-    """Write the card as ``README.md`` into ``output_dir``."""
-    path = Path(output_dir) / "README.md"
-    path.write_text(render_segmentation_card(experiment, metrics, steps), encoding="utf-8")
-    return path
+        hyperparameters["backbone config"] = json.dumps(RANDOM_SWIN_CONFIG)
+    return TrainingCard(
+        method=model_args.method,
+        task="image-segmentation",
+        title=f"{METHOD_TITLES[model_args.method]} semantic segmentation (UperNet-Swin): {', '.join(data.labels)}",
+        method_description=METHOD_TEXT[model_args.method].format(rank=model_args.lora_rank),
+        base_model=None if offline else hub_model_id(model_args.model_name_or_path),
+        base_description=OFFLINE_SEGMENTATION_BASE if offline else f"`{model_args.model_name_or_path}`",
+        dataset=data.hub_dataset,
+        data_description=f"{data.description}; {len(data.labels)} classes; inputs and masks {size} x {size} pixels; "
+        f"mask value {data.ignore_index} ignored{reduced}",
+        trainable_parameters=trainable,
+        total_parameters=total,
+        results=results,
+        usage=usage,
+        metrics=["mean_iou"],
+        hyperparameters=hyperparameters,
+        weights_bytes=weights.stat().st_size if weights else None,
+        tags=["semantic-segmentation", "upernet", "swin", "vision"],
+    )
 
 
 def train_segmentation(
