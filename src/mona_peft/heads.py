@@ -1,9 +1,12 @@
 """The task head of a model: what Mona's ``modules_to_save`` defaults to.
 
 Mona trains its adapters and the task head; the rest of the backbone stays frozen. The head is everything with
-parameters outside the backbone, and the backbone is the transformers sub-model that holds the adapted blocks and
-whose ``config.model_type`` is one of the block families (``ViTModel``, ``Dinov2Model``, ``SwinModel``, and the
-``SwinBackbone`` that ``AutoBackbone`` builds inside dense-prediction models). For example:
+parameters outside the backbone. The backbone is the module that holds the adapted blocks and either is a bare model
+of a block family (``config.model_type``: ``ViTModel``, ``Dinov2Model``, ``SwinModel``, the ``SwinBackbone`` that
+``AutoBackbone`` builds inside dense-prediction models) or embeds the image itself (a vision tower with an
+``embeddings`` or ``patch_embed`` child, e.g. ``CLIPVisionTransformer``, SAM's and Qwen2-VL's vision encoders). Text
+towers (and modules named ``text_*``) and language models (whatever holds the model's token embeddings or LM head)
+are never head. For example:
 
 =======================================  ==================================================================
 model                                    head (default ``modules_to_save``)
@@ -12,7 +15,11 @@ model                                    head (default ``modules_to_save``)
 ``UperNetForSemanticSegmentation``       ``decode_head``, ``auxiliary_head``
 ``Mask2FormerForUniversalSegmentation``  ``model.pixel_level_module.decoder``, ``model.transformer_module``,
                                          ``class_predictor``
-``SwinModel``, ``SwinBackbone`` (bare)   none
+``CLIPModel``                            ``visual_projection`` (the text tower stays frozen)
+``LlavaForConditionalGeneration``        ``model.multi_modal_projector``
+``SamModel``                             ``prompt_encoder``, ``mask_decoder``
+``SwinModel``, ``CLIPVisionModel`` &     none
+co. (bare towers), Qwen2-VL
 =======================================  ==================================================================
 """
 
