@@ -41,7 +41,15 @@ def is_backbone_model(module: nn.Module) -> bool:
         return False
     if getattr(module.config, "model_type", None) not in BACKBONE_MODEL_TYPES:
         return False
-    return hasattr(module, "out_features") or module.base_model is module
+    if hasattr(module, "out_features"):
+        return True
+    # The bare model is the class AutoModel builds for the config. ``base_model is module`` alone is not enough:
+    # transformers 4.57's CLIPVisionModelWithProjection names a ``clip`` base model it does not have, so its
+    # ``base_model`` is itself although ``visual_projection`` is a head.
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    bare = MODEL_MAPPING.get(type(module.config), None)
+    return isinstance(module, bare) if bare is not None else module.base_model is module
 
 
 # A module holding the blocks that has one of these children embeds the image itself: it is a vision tower (the
