@@ -62,6 +62,9 @@ class BlockLayout:
     vision_only: bool = False
     tower_classes: tuple[str, ...] = ()
     tower_layout: Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], TokenLayout] | None = None
+    # False where the blocks' tokens are not grouped per sample of the batch (Qwen2-VL packs every image into one
+    # sequence), so a mixed-adapter batch (``adapter_names``) cannot be routed and is refused up front.
+    mixed_batches: bool = True
 
     def resolve(self, block: nn.Module) -> tuple[str, str, str | None]:
         """Names of the entry, join and output sub-modules of ``block`` (output None: the block itself); raises if
@@ -233,6 +236,7 @@ LAYOUTS: tuple[BlockLayout, ...] = (
         grid_source="tower",
         tower_classes=("Qwen2VisionTransformerPretrainedModel", "Qwen2_5_VisionTransformerPretrainedModel"),
         tower_layout=_qwen2_vl_layout,
+        mixed_batches=False,
     ),
 )
 

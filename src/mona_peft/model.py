@@ -285,6 +285,16 @@ class MonaModel(BaseTuner):
                 "`adapter_names` (a mixed-adapter batch) is for inference: call `model.eval()` first, and train one "
                 "adapter per batch."
             )
+        packed = next(
+            (m for m in self.model.modules() if isinstance(m, MonaLayer) and not m.layout.mixed_batches), None
+        )
+        if packed is not None:
+            # checked before the batch size: a packed tower's first dimension counts patches, not samples
+            raise ValueError(
+                "Mixed-adapter batches (`adapter_names`) are not supported on packed vision towers "
+                f"({type(packed.base_layer).__name__}, Qwen2-VL): the tower's images are not the samples of the "
+                "batch. Run one adapter per batch."
+            )
         if isinstance(adapter_names, str) or not all(isinstance(name, str) for name in adapter_names):
             raise TypeError(
                 f"`adapter_names` must be a list with one adapter name (or '__base__') per sample, got "
