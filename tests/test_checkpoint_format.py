@@ -179,3 +179,76 @@ def test_adapters_travel_between_transformers_lines(tmp_path, family: str, direc
     loaded = load_file(str(tmp_path / "logits_load.safetensors"))["logits"]
     torch.testing.assert_close(loaded, saved, atol=1e-5, rtol=0)
     assert not torch.equal(saved, torch.zeros_like(saved))
+
+
+_SIGLIP2_SAVE_OR_LOAD = textwrap.dedent(
+    """
+    import sys, torch, transformers
+    from pathlib import Path
+    from peft import PeftModel, get_peft_model
+    from safetensors.torch import load_file, save_file
+    import mona_peft
+    mode, root = sys.argv[1], Path(sys.argv[2])
+    base, info = transformers.Siglip2VisionModel.from_pretrained(root / "base", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    base = base.eval()
+    inputs = load_file(str(root / "input.safetensors"))
+    if mode == "save":
+        torch.manual_seed(1)
+        model = get_peft_model(base, mona_peft.MonaConfig(bottleneck_dim=8, init_weights=False))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.1)
+        model.save_pretrained(root / "adapter")
+    else:
+        model = PeftModel.from_pretrained(base, root / "adapter")
+    with torch.no_grad():
+        hidden = model.eval()(**inputs).last_hidden_state
+    save_file({"hidden": hidden.contiguous()}, str(root / f"hidden_{mode}.safetensors"))
+    print(transformers.__version__)
+    """
+)
+
+
+@pytest.mark.skipif(not OTHER_LINE, reason="MONA_OTHER_LINE_PYTHON (the other transformers line's python) not set")
+@pytest.mark.parametrize("direction", ["here_to_there", "there_to_here"])
+def test_siglip2_naflex_adapters_travel_between_transformers_lines(tmp_path, direction: str) -> None:
+    """SigLIP2's vision blocks are ``encoder.layers.N`` on 5.x and ``vision_model.encoder.layers.N`` on 4.57; the
+    adapter names them the Hub's way and reloads on the other line to the same outputs, padded images included."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    config = transformers.Siglip2VisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=4, num_patches=16
+    )
+    # The base in the Hub's key spelling (``vision_model.`` first), which both lines read; 5.x's own save_pretrained
+    # drops the prefix and 4.57 would silently load a random base from it.
+    state = transformers.Siglip2VisionModel(config).state_dict()
+    state = {k if k.startswith("vision_model.") else f"vision_model.{k}": v.contiguous() for k, v in state.items()}
+    config.save_pretrained(tmp_path / "base")
+    save_file(state, str(tmp_path / "base" / "model.safetensors"), metadata={"format": "pt"})
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.zeros(2, 20, dtype=torch.long)
+    mask[0, :15], mask[1, :16] = 1, 1
+    inputs = {
+        "pixel_values": torch.randn(2, 20, 48, generator=generator),
+        "pixel_attention_mask": mask,
+        "spatial_shapes": torch.tensor([[3, 5], [4, 4]]),
+    }
+    save_file(inputs, str(tmp_path / "input.safetensors"))
+    saver, loader = (sys.executable, OTHER_LINE) if direction == "here_to_there" else (OTHER_LINE, sys.executable)
+    versions = set()
+    for python, mode in ((saver, "save"), (loader, "load")):
+        done = subprocess.run(
+            [python, "-c", _SIGLIP2_SAVE_OR_LOAD, mode, str(tmp_path)], capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        versions.add(done.stdout.strip())
+    assert len(versions) == 2, versions  # really two transformers lines
+    blocks = {k.split(".mona_")[0] for k in load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))}
+    assert blocks == {f"base_model.model.vision_model.encoder.layers.{i}" for i in range(2)}
+    saved = load_file(str(tmp_path / "hidden_save.safetensors"))["hidden"]
+    loaded = load_file(str(tmp_path / "hidden_load.safetensors"))["hidden"]
+    torch.testing.assert_close(loaded, saved, atol=1e-5, rtol=0)
+    assert not torch.equal(saved, torch.zeros_like(saved))
