@@ -118,6 +118,8 @@ class MonaModel(BaseTuner):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         # Copies of accelerate-offloaded heads (modules_to_save) become resident, trainable modules (see dispatch.py).
+        if "_mona_requires_grad" not in self.__dict__:  # the base as it was, for a refused first load (_take_out)
+            self._mona_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         with keep_offloaded_heads(model):
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         self._hook_grid_sources()
@@ -379,6 +381,10 @@ def _take_out(model: nn.Module, adapter_name: str) -> None:
     if not isinstance(tuner, MonaModel):
         return
     if list(tuner.peft_config) == [adapter_name]:
-        tuner._unload_and_optionally_merge(merge=False)
+        base = tuner._unload_and_optionally_merge(merge=False)
+        # PEFT froze the base when it injected the adapter: give the parameters their requires_grad back.
+        before = tuner.__dict__.get("_mona_requires_grad", {})
+        for name, param in base.named_parameters():
+            param.requires_grad_(before.get(name, param.requires_grad))
     else:
         model.delete_adapter(adapter_name)
