@@ -252,3 +252,64 @@ def test_siglip2_naflex_adapters_travel_between_transformers_lines(tmp_path, dir
     loaded = load_file(str(tmp_path / "hidden_load.safetensors"))["hidden"]
     torch.testing.assert_close(loaded, saved, atol=1e-5, rtol=0)
     assert not torch.equal(saved, torch.zeros_like(saved))
+
+
+# The vision-tower families, whose block paths differ between the lines (CLIP/SigLIP vision models, LLaVA, BEiT,
+# DINOv3) or not (Data2Vec-vision). Not CLIPModel: its text pooling differs between the lines for a tiny vocabulary
+# (4.57 pools at argmax(input_ids), 5.x at the configured eos token), with or without Mona. All families go through
+# one process per step. The bases are saved by
+# the 4.57 line, in the Hub's spelling: 5.x writes CLIP's, SigLIP's and LLaVA's towers in its own spelling, which
+# 4.57 cannot read.
+TOWER_FAMILIES = ["dinov3", "clip_vision", "llava", "siglip_vision", "beit", "data2vec_vision"]
+
+_TOWER_STEP = textwrap.dedent(
+    """
+    import sys, torch, transformers
+    from pathlib import Path
+    from peft import PeftModel, get_peft_model
+    from safetensors.torch import save_file
+    import mona_peft
+    step, root, tests = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    sys.path.insert(0, tests)
+    from tiny_vision_towers import TOWERS, perturb_trainable, tensors
+    for family in sys.argv[4:]:
+        tower, where = TOWERS[family], root / family
+        if step == "base":
+            tower.build().save_pretrained(where / "base")
+            continue
+        base = type(tower.build()).from_pretrained(where / "base").eval()
+        if step == "save":
+            model = get_peft_model(base, mona_peft.MonaConfig(bottleneck_dim=8, init_weights=False))
+            perturb_trainable(model, seed=1)
+            model.save_pretrained(where / "adapter")
+        else:
+            model = PeftModel.from_pretrained(base, where / "adapter")
+        with torch.no_grad():  # the logits or the last hidden state (LLaVA's caches differ between the lines)
+            out = tensors(model.eval()(**tower.inputs(tower.sizes()[-1])))[0]
+        save_file({"out": out.contiguous()}, str(where / f"out_{step}.safetensors"))
+    print(transformers.__version__)
+    """
+)
+
+
+def _run_towers(python: str, step: str, root: Path) -> str:
+    command = [python, "-c", _TOWER_STEP, step, str(root), str(Path(__file__).parent), *TOWER_FAMILIES]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(not OTHER_LINE, reason="MONA_OTHER_LINE_PYTHON (the other transformers line's python) not set")
+@pytest.mark.parametrize("direction", ["here_to_there", "there_to_here"])
+def test_vision_tower_adapters_travel_between_transformers_lines(tmp_path, direction: str) -> None:
+    line_457 = sys.executable if LINE == "tf457" else OTHER_LINE
+    _run_towers(line_457, "base", tmp_path)
+    saver, loader = (sys.executable, OTHER_LINE) if direction == "here_to_there" else (OTHER_LINE, sys.executable)
+    versions = {_run_towers(saver, "save", tmp_path), _run_towers(loader, "load", tmp_path)}
+    assert len(versions) == 2, versions  # really two transformers lines
+    for family in TOWER_FAMILIES:
+        saved = load_file(str(tmp_path / family / "out_save.safetensors"))
+        loaded = load_file(str(tmp_path / family / "out_load.safetensors"))
+        torch.testing.assert_close(loaded["out"], saved["out"], atol=1e-5, rtol=0, msg=family)
+        with safe_open(str(tmp_path / family / "adapter" / "adapter_model.safetensors"), "pt") as f:
+            assert any(".mona_attn." in k for k in f.keys()), family  # noqa: SIM118 (safe_open is no dict)
