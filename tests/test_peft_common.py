@@ -48,6 +48,7 @@ from torch import nn
 from mona_peft import MonaConfig, MonaLayer
 from mona_peft.layer import MERGE_ERROR
 from tiny_models import pixels, randomize_adapter, swin, vit
+from tiny_vision_towers import TOWERS
 
 # Noise from the tiny models' ids: they are no Hub repos and custom (non-transformers) models have no name_or_path.
 pytestmark = [
@@ -198,6 +199,8 @@ _BUILDERS = {
     "vit": vit,
     "vit-backbone": lambda: transformers.ViTModel(vit().config).eval(),
     "swin": swin,
+    "clip-vision": lambda: TOWERS["clip_vision"].make(),
+    "dinov3": lambda: TOWERS["dinov3"].make(),
     "vit-logits": lambda: Logits(vit()),
     "swin-logits": lambda: Logits(swin()),
 }
@@ -265,6 +268,10 @@ HF_CASES = [
     pytest.param("vit", HEAD, id="vit"),
     pytest.param("vit-backbone", PLAIN, id="vit-backbone"),
     pytest.param("swin", HEAD, id="swin"),
+    # vision towers: the bare CLIP vision model (block paths differ between the transformers lines) and DINOv3 (RoPE,
+    # CLS + registers, layer scale); model(**x)[0] is the last hidden state
+    pytest.param("clip-vision", PLAIN, id="clip-vision"),
+    pytest.param("dinov3", PLAIN, id="dinov3"),
 ]
 VIT_CASES = HF_CASES[:2]
 # Properties that count every non-adapter gradient as a leak, written for models without modules_to_save.
