@@ -213,13 +213,13 @@ CASES = {
         ("vision_model.encoder.layers.0", "vision_model.encoder.layers.1"),
     ),
     "sam_vision": Case(sam_vision, sam_inputs, ("vision_encoder.layers.0", "vision_encoder.layers.1")),
-    # transformers 5.x made SAM's shared positional embedding a parameter (4.57: a buffer), so the heads rule,
-    # "everything with parameters beside the image encoder", also picks it there.
+    # transformers 5.x made SAM's shared positional embedding a parameter tied to the prompt encoder's (4.57: a
+    # buffer); a module whose parameters are all tied elsewhere is not a head, so both lines pick the same two.
     "sam_model": Case(
         sam_model,
         lambda: dict(sam_inputs(), **sam_prompts()),
         ("vision_encoder.layers.0", "vision_encoder.layers.1"),
-        (("shared_image_embedding",) if V5 else ()) + _SAM_HEADS,
+        _SAM_HEADS,
     ),
     "qwen2_tower": Case(lambda: qwen_tower("2"), qwen_tower_inputs, ("blocks.0", "blocks.1")),
     "qwen2_5_tower": Case(lambda: qwen_tower("2.5"), qwen_tower_inputs, ("blocks.0", "blocks.1")),

@@ -348,9 +348,11 @@ def _vit_classifier() -> nn.Module:
 
 
 SOURCES = {"vit": _vit_classifier, **{name: tower.build for name, tower in TOWERS.items()}}
-# Pairs whose blocks sit under different paths. CLIP and SigLIP towers of the same width are not here: their blocks
-# have the same path and the same adapter shapes, and nothing in a saved adapter tells the two apart.
+# Pairs of families. CLIP's and SigLIP's towers of the same width have the same block paths and adapter shapes: only
+# the block family saved in adapter_config.json tells them apart.
 MISMATCHES = [
+    ("clip_vision", "siglip_vision"),
+    ("siglip_vision", "clip_vision"),
     ("vit", "clip_vision"),
     ("clip_vision", "dinov3"),
     ("dinov3", "siglip_vision"),

@@ -24,8 +24,9 @@ class MonaConfig(PeftConfig):
     Args:
         target_modules (`list[str] | str`, *optional*):
             Names (or one regex) of the transformer *blocks* to adapt (Mona wraps whole blocks, not Linear layers).
-            Default `None` chooses every supported block of the model (ViT, DeiT, DINOv2, DINOv2-with-registers, Swin,
-            Swinv2 blocks, also when the backbone sits inside another model such as UperNet).
+            Default `None` chooses every supported block of the model (the families of docs/families.md: ViT, DeiT,
+            DINOv2, DINOv3, Swin, Swinv2, BEiT, the vision towers of CLIP, SigLIP, SigLIP2, SAM and Qwen2-VL, also
+            inside another model such as UperNet or LLaVA); blocks of a text tower are never chosen.
         exclude_modules (`list[str] | str`, *optional*):
             Block names (or one regex) to leave untouched.
         bottleneck_dim (`int`, defaults to 64):
@@ -53,6 +54,11 @@ class MonaConfig(PeftConfig):
             `["decode_head", "auxiliary_head"]` for UperNet, `["model.pixel_level_module.decoder",
             "model.transformer_module", "class_predictor"]` for Mask2Former, nothing for a bare backbone or an
             unfamiliar model (see `mona_peft.heads`). An explicit list always wins; `[]` trains no head.
+        block_family (`str`, *optional*):
+            The block family of the adapted blocks (`"vit"`, `"clip"`, `"siglip"`...), filled in when the adapter is
+            created and saved with it. A config that names a family only adapts blocks of that family, so an adapter
+            is never loaded onto another architecture whose blocks merely have the same widths and paths (CLIP's and
+            SigLIP's vision towers). Adapters saved before this field existed load as before.
     """
 
     target_modules: list[str] | str | None = field(
@@ -88,6 +94,14 @@ class MonaConfig(PeftConfig):
         metadata={
             "help": "Modules trained and saved in full besides the adapter; None = the model's task head (e.g. "
             "['classifier'], UperNet's ['decode_head', 'auxiliary_head']); [] = none."
+        },
+    )
+
+    block_family: str | None = field(
+        default=None,
+        metadata={
+            "help": "The block family the adapter was made for (e.g. 'clip', 'siglip'; see docs/families.md). Set "
+            "when the adapter is created and saved with it: an adapter is only loaded onto blocks of its family."
         },
     )
 

@@ -88,7 +88,20 @@ def task_head_modules(model: nn.Module, blocks: Iterable[str]) -> list[str] | No
     block_names = [name for name in blocks if name]
     if not block_names:
         return None
-    return _heads_below(model, "", block_names, _language_parts(model))
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    heads = _heads_below(model, "", block_names, _language_parts(model))
+    if heads is None:
+        return None
+    # A module whose every parameter is tied to one outside it (SamModel's shared_image_embedding, tied to the prompt
+    # encoder's on transformers 5.x) is a view of weights that belong elsewhere: a trained copy would break the tie.
+    return [h for h in heads if not _all_tied_elsewhere(model.get_submodule(h), h, owners)]
+
+
+def _all_tied_elsewhere(module: nn.Module, path: str, owners: dict[int, list[str]]) -> bool:
+    params = list(module.parameters())
+    return bool(params) and all(any(not name.startswith(path + ".") for name in owners[id(p)]) for p in params)
 
 
 def _heads_below(module: nn.Module, prefix: str, blocks: list[str], language: list[nn.Module]) -> list[str] | None:

@@ -106,6 +106,16 @@ class MonaModel(BaseTuner):
                     stacklevel=2,
                 )
         targeted = self._check_targets(peft_config)
+        families = "+".join(sorted({layout_for(_unwrapped(self.model.get_submodule(n))).family for n in targeted}))
+        if peft_config.block_family is not None and peft_config.block_family != families:
+            # Same widths and block paths do not make the same model: CLIP's and SigLIP's vision towers look alike.
+            raise MonaCheckpointError(
+                f"This Mona adapter was made for {peft_config.block_family} blocks, but its targets in "
+                f"{type(self.model).__name__} are {families} blocks: it belongs to another architecture. Load it "
+                "onto the model it was trained on; to start a new adapter with these settings, pass the config "
+                "with block_family=None."
+            )
+        peft_config.block_family = families
         if peft_config.modules_to_save is None:
             # A new adapter trains the task head by default; the choice is saved in adapter_config.json, so loading
             # reproduces it (a saved adapter is loaded exactly as its config says, even with no head).
