@@ -201,6 +201,8 @@ _BUILDERS = {
     "swin": swin,
     "clip-vision": lambda: TOWERS["clip_vision"].make(),
     "dinov3": lambda: TOWERS["dinov3"].make(),
+    "siglip-vision": lambda: TOWERS["siglip_vision"].make(),
+    "beit": lambda: TOWERS["beit"].make(),
     "vit-logits": lambda: Logits(vit()),
     "swin-logits": lambda: Logits(swin()),
 }
@@ -272,6 +274,9 @@ HF_CASES = [
     # CLS + registers, layer scale); model(**x)[0] is the last hidden state
     pytest.param("clip-vision", PLAIN, id="clip-vision"),
     pytest.param("dinov3", PLAIN, id="dinov3"),
+    # SigLIP (no CLS, attention-pooling head) and BEiT (layer scale, relative position bias, classifier head)
+    pytest.param("siglip-vision", PLAIN, id="siglip-vision"),
+    pytest.param("beit", HEAD, id="beit"),
 ]
 VIT_CASES = HF_CASES[:2]
 # Properties that count every non-adapter gradient as a leak, written for models without modules_to_save.
