@@ -152,22 +152,7 @@ class MeanIoU(evaluate.Metric):
             reference_urls=["https://huggingface.co/spaces/evaluate-metric/mean_iou"],
         )
 
-    def _compute(
-        self,
-        predictions: Sequence[Any],
-        references: Sequence[Any],
-        num_labels: int,
-        ignore_index: int,
-        nan_to_num: float | None = None,
-        label_map: dict[int, int] | None = None,
-        reduce_labels: bool = False,
-    ) -> dict[str, Any]:
-        return mean_iou(
-            [np.asarray(p) for p in predictions],
-            [np.asarray(r) for r in references],
-            num_labels=num_labels,
-            ignore_index=ignore_index,
-            nan_to_num=nan_to_num,
-            label_map=label_map,
-            reduce_labels=reduce_labels,
-        )
+    def _compute(self, predictions: Sequence[Any], references: Sequence[Any], **options: Any) -> dict[str, Any]:
+        """``options``: :func:`mean_iou`'s ``num_labels``, ``ignore_index``, ``nan_to_num``, ``label_map``,
+        ``reduce_labels``."""
+        return mean_iou([np.asarray(p) for p in predictions], [np.asarray(r) for r in references], **options)
