@@ -286,9 +286,9 @@ def train_one(spec: RunSpec, protocol: Protocol, data: Any, model: str | None, m
     training loss of every step, trainable parameters and wall time."""
     from transformers import PrinterCallback, ProgressCallback, set_seed
 
-    from mona_peft.training import ImageClassificationDataset, Preprocessing, parse_args
+    from mona_peft.training import CLASSIFICATION, Experiment, Preprocessing, parse_args
     from mona_peft.training.recipe import count_parameters, load_image_processor
-    from mona_peft.training.run import Experiment, make_trainer
+    from mona_peft.training.run import make_trainer
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mona-accuracy-") as output_dir:
@@ -297,16 +297,9 @@ def train_one(spec: RunSpec, protocol: Protocol, data: Any, model: str | None, m
         preprocessing = Preprocessing.from_processor(processor, data_args.image_size, data_args.min_crop_scale)
         set_seed(training_args.seed)
         network = build_model(model_args, data.labels, model_path, spec.method)
-
-        def split(name: str, train: bool = False) -> ImageClassificationDataset:
-            return ImageClassificationDataset(
-                data.splits[name], data.image_column, data.label_column, preprocessing, train, training_args.seed
-            )
-
         experiment = Experiment(
-            model_args, data_args, training_args, data, processor, preprocessing, network,
-            split("train", train=True), split("validation"), split("test"),
-        )  # fmt: skip
+            CLASSIFICATION, model_args, data_args, training_args, data, model_path, processor, preprocessing, network
+        )
         trainer = make_trainer(experiment)
         for callback in (PrinterCallback, ProgressCallback):
             trainer.remove_callback(callback)

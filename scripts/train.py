@@ -6,7 +6,7 @@
     accelerate launch --multi_gpu --num_processes 2 scripts/train.py --output_dir D   # 2 processes (gloo on CPUs)
 
 Every transformers TrainingArguments flag works; see `--help` and docs/training.md. The logic lives in
-mona_peft.training (run.py, data.py, recipe.py).
+mona_peft.training (run.py, the pipeline of every task; classification.py, data.py, recipe.py).
 """
 
 import sys

@@ -6,7 +6,7 @@
         --dataset_name scene_parse_150 --label_column_name annotation --reduce_labels --image_size 256
 
 Every transformers TrainingArguments flag works; see `--help` and docs/segmentation.md. The logic lives in
-mona_peft.training.segmentation.
+mona_peft.training: the pipeline of every task (run.py) with the segmentation task (segmentation/).
 """
 
 import sys

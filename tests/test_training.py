@@ -21,12 +21,12 @@ from mona_peft.metrics import ACCURACY_PATH, load_accuracy
 from mona_peft.training import (
     DataArguments,
     DataError,
-    ImageClassificationDataset,
     ModelArguments,
     ModelError,
     OutputDirError,
     Preprocessing,
     RecipeTrainer,
+    TaskDataset,
     apply_method,
     build_model,
     decay_parameter_names,
@@ -280,7 +280,7 @@ def _undecoded():
 def test_augmentation_depends_only_on_seed_epoch_and_index(image_folder: Path, tiny_dinov2: Path) -> None:
     data = prepare_data(DataArguments(train_dir=str(image_folder)))
     prep = Preprocessing.from_processor(load_image_processor(str(tiny_dinov2)), 32, min_crop_scale=0.2)
-    make = lambda seed: ImageClassificationDataset(  # noqa: E731
+    make = lambda seed: TaskDataset(  # noqa: E731
         data.splits["train"], data.image_column, data.label_column, prep, train=True, seed=seed
     )
     a, b = make(0), make(0)
@@ -290,7 +290,7 @@ def test_augmentation_depends_only_on_seed_epoch_and_index(image_folder: Path, t
     a.set_epoch(1)
     assert not torch.equal(a[3]["pixel_values"], b[3]["pixel_values"])
     assert not torch.equal(make(1)[3]["pixel_values"], b[3]["pixel_values"])
-    evaluation = ImageClassificationDataset(data.splits["train"], data.image_column, data.label_column, prep)
+    evaluation = TaskDataset(data.splits["train"], data.image_column, data.label_column, prep)
     assert torch.equal(evaluation[0]["pixel_values"], evaluation[0]["pixel_values"])
     batch = make_collator({"interpolate_pos_encoding": True})([evaluation[0], evaluation[1]])
     assert batch["pixel_values"].shape == (2, 3, 32, 32) and batch["labels"].dtype == torch.long

@@ -2,10 +2,14 @@
 
 The logic behind ``scripts/train.py``, ``scripts/predict.py`` and ``notebooks/finetune_mona.ipynb``:
 
+- :mod:`.run`: one run end to end for every task (:func:`train`, :func:`main`): data, model, Trainer, evaluation,
+  resume, results, card and curves;
+- :mod:`.task`: :class:`Task`, what a task supplies to the run (columns, transforms, model, collator, metric, card);
+  :mod:`.classification` (:data:`CLASSIFICATION`, the default) and :mod:`.segmentation` are the tasks;
 - :mod:`.arguments`: the command-line argument groups and the recipe defaults;
-- :mod:`.data`: loading, splitting, label maps, undecodable images, transforms (PIL + torch);
-- :mod:`.recipe`: the model per method, weight-decay groups, the Trainer;
-- :mod:`.run`: one run end to end (:func:`train`, :func:`main`);
+- :mod:`.data`: loading, splitting, the epoch-seeded dataset, the collator; classification's label maps,
+  undecodable images and transforms (PIL + torch);
+- :mod:`.recipe`: the method applied to a model, weight-decay groups, the Trainer;
 - :mod:`.inference`: loading a trained model and predicting (:func:`load_trained`);
 - :mod:`.distributed`: FSDP2 on CPU-only machines, gathering a sharded adapter for saving;
 - :mod:`.card`, :mod:`.plots`: the model card and the training curves.
@@ -34,23 +38,30 @@ if _missing:
     )
 
 from .arguments import METHODS, DataArguments, ModelArguments, parse_args  # noqa: E402
-from .data import DataError, ImageClassificationData, ImageClassificationDataset, Preprocessing, prepare_data  # noqa: E402
+from .classification import CLASSIFICATION, ClassificationTask  # noqa: E402
+from .data import DataError, ImageClassificationData, Preprocessing, TaskData, TaskDataset, prepare_data  # noqa: E402
 from .inference import TrainedClassifier, load_trained  # noqa: E402
 from .recipe import ModelError, RecipeTrainer, apply_method, build_model, decay_parameter_names  # noqa: E402
-from .run import OutputDirError, RunResult, main, train  # noqa: E402
+from .run import Experiment, OutputDirError, RunResult, main, train  # noqa: E402
+from .task import Task  # noqa: E402
 
 __all__ = [
+    "CLASSIFICATION",
     "METHODS",
+    "ClassificationTask",
     "DataArguments",
     "DataError",
+    "Experiment",
     "ImageClassificationData",
-    "ImageClassificationDataset",
     "ModelArguments",
     "ModelError",
     "OutputDirError",
     "Preprocessing",
     "RecipeTrainer",
     "RunResult",
+    "Task",
+    "TaskData",
+    "TaskDataset",
     "TrainedClassifier",
     "apply_method",
     "build_model",

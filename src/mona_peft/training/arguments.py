@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from transformers import HfArgumentParser, TrainingArguments
 
@@ -109,9 +109,12 @@ class ModelArguments:
     model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of a Hub model."})
     token: str | None = field(default=None, metadata={"help": "Hub token for private models (default: login)."})
 
+    methods: ClassVar[tuple[str, ...]] = METHODS
+    """The methods this task's script offers."""
+
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}.")
+        if self.method not in self.methods:
+            raise ValueError(f"--method must be one of {', '.join(self.methods)}, got {self.method!r}.")
         for name in ("bottleneck_dim", "lora_rank", "lora_alpha"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
@@ -190,6 +193,12 @@ class DataArguments:
             raise ValueError("Give either --dataset_name or image folders (--train_dir ...), not both.")
         if self.train_dir is None and (self.validation_dir or self.test_dir):
             raise ValueError("--validation_dir and --test_dir need --train_dir.")
+
+
+def arg(default: Any = None, help: str | None = None, **metadata: Any) -> Any:
+    """A field of an argument dataclass: its default and its ``--help`` text (and argparse extras, e.g. ``choices``),
+    for a task's arguments that re-declare a shared one."""
+    return field(default=default, metadata={"help": help, **metadata})
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """The model card (``README.md``) written next to a fine-tuned adapter or model, for every task.
 
-A task fills in a :class:`TrainingCard` (classification in :mod:`.run`, segmentation in :mod:`.segmentation.run`);
-:func:`write_training_card` renders it with the package's one card builder, :func:`mona_peft.model_card.build_card`,
-the same that ``push_to_hub`` of a Mona adapter uses.
+The run (:mod:`.run`) fills in a :class:`TrainingCard`: the recipe's part itself, the rest from its task
+(:meth:`~mona_peft.training.task.Task.card_fields`); :func:`write_training_card` renders it with the package's one
+card builder, :func:`mona_peft.model_card.build_card`, the same that ``push_to_hub`` of a Mona adapter uses.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
-"""Image-classification data: loading, splitting, label maps, undecodable images and the transforms (PIL + torch).
+"""Data for every task (loading, splitting, subsampling, the epoch-seeded dataset, the collator) and image
+classification's own: label maps, undecodable images and the transforms (PIL + torch).
 
-:func:`prepare_data` turns :class:`~mona_peft.training.arguments.DataArguments` into train/validation/test splits with
-a label map; :class:`Preprocessing` holds the image pipeline read from the model's image processor;
-:class:`ImageClassificationDataset` serves transformed examples whose random augmentation depends only on
-``(seed, epoch, index)``, so a run resumed from a checkpoint sees exactly the images of an uninterrupted run, with any
-number of processes or data-loader workers.
+:func:`load_splits`, :func:`named_splits`, :func:`keep_columns` and :func:`hold_out_and_subsample` are the steps each
+task's ``prepare_data`` shares; :func:`prepare_data` turns :class:`~mona_peft.training.arguments.DataArguments` into
+train/validation/test splits with a label map; :class:`Preprocessing` holds the image pipeline read from the model's
+image processor; :class:`TaskDataset` serves transformed examples (of every task) whose random augmentation depends
+only on ``(seed, epoch, index)``, so a run resumed from a checkpoint sees exactly the images of an uninterrupted run,
+with any number of processes or data-loader workers.
 """
 
 from __future__ import annotations
@@ -56,8 +58,9 @@ def default_data_dir() -> Path:
 
 
 @dataclass
-class ImageClassificationData:
-    """Train/validation/test splits with their image and label columns and the label names (index = class id)."""
+class TaskData:
+    """Train/validation/test splits of a task, the two columns an example is read from (the image, and its label:
+    a class, a mask, the objects), and the class names (index = class id)."""
 
     splits: DatasetDict
     image_column: str
@@ -65,7 +68,6 @@ class ImageClassificationData:
     labels: list[str]
     description: str
     hub_dataset: str | None = None
-    dropped_images: dict[str, int] = field(default_factory=dict)
 
     @property
     def id2label(self) -> dict[int, str]:
@@ -80,69 +82,126 @@ class ImageClassificationData:
         return f"{self.description}: {len(self.labels)} classes {self.labels}; {sizes} images"
 
 
-def load_raw_dataset(args: DataArguments, cache_dir: str | None = None, token: str | None = None) -> DatasetDict:
-    """The dataset as ``datasets`` loads it: a Hub/local dataset, image folders, or the embedded default."""
+@dataclass
+class ImageClassificationData(TaskData):
+    """Classification splits; ``dropped_images`` counts the undecodable images removed per split."""
+
+    dropped_images: dict[str, int] = field(default_factory=dict)
+
+
+def load_splits(
+    args: Any,
+    default: Callable[[], Dataset | DatasetDict],
+    folders: Callable[[dict[str, str]], DatasetDict],
+    cache_dir: str | None = None,
+    token: str | None = None,
+) -> DatasetDict:
+    """The dataset as loaded for any task: ``--dataset_name`` through ``datasets.load_dataset``, else the folders
+    ``--train_dir`` / ``--validation_dir`` / ``--test_dir`` through ``folders({split: directory})``, else the task's
+    ``default()`` data."""
     from datasets import DatasetDict, load_dataset
 
     if args.dataset_name is not None:
         loaded = load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=cache_dir, token=token)
+    elif args.train_dir is None:
+        loaded = default()
     else:
-        data_files: dict[str, str] = {}
-        if args.train_dir is None:
-            data_dir = str(default_data_dir())
-            loaded = load_dataset("imagefolder", data_dir=data_dir, cache_dir=cache_dir)
-        else:
-            for split, directory in zip(SPLITS, (args.train_dir, args.validation_dir, args.test_dir), strict=True):
-                if directory is None:
-                    continue
-                if not Path(directory).is_dir():
-                    raise DataError(f"--{split}_dir {directory!r} is not a directory.")
-                data_files[split] = str(Path(directory) / "**")
-            loaded = load_dataset("imagefolder", data_files=data_files, cache_dir=cache_dir)
-    if not isinstance(loaded, DatasetDict):  # pragma: no cover - load_dataset without split returns a dict
-        loaded = DatasetDict({"train": loaded})
-    return loaded
+        directories = {}
+        for split, directory in zip(SPLITS, (args.train_dir, args.validation_dir, args.test_dir), strict=True):
+            if directory is None:
+                continue
+            if not Path(directory).is_dir():
+                raise DataError(f"--{split}_dir {directory!r} is not a directory.")
+            directories[split] = directory
+        loaded = folders(directories)
+    return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
 
 
-def _find_image_column(dataset: Dataset, requested: str | None) -> str:
-    from datasets import Image
+def named_splits(raw: DatasetDict) -> DatasetDict:
+    """The train/validation/test splits the dataset has (``valid`` counts as validation); train is required."""
+    from datasets import DatasetDict
 
+    if "train" not in raw:
+        raise DataError(f"The dataset has no 'train' split (splits: {list(raw)}).")
+    splits = DatasetDict({name: raw[name] for name in SPLITS if name in raw})
+    if "validation" not in splits and "valid" in raw:
+        splits["validation"] = raw["valid"]
+    return splits
+
+
+def pick_column(
+    dataset: Dataset, requested: str | None, candidates: Sequence[str], what: str, feature: type | None = None
+) -> str | None:
+    """The column ``requested`` (an error if missing), else the first of ``candidates`` present, else the only column
+    of the ``datasets`` feature type ``feature``; ``None`` if there is none."""
     columns = list(dataset.column_names)
     if requested is not None:
         if requested not in columns:
-            raise DataError(f"The dataset has no image column {requested!r}; its columns are {columns}.")
+            raise DataError(f"The dataset has no {what} column {requested!r}; its columns are {columns}.")
         return requested
-    for name in ("image", "img"):
-        if name in columns:
-            return name
-    images = [name for name, feature in dataset.features.items() if isinstance(feature, Image)]
-    if len(images) == 1:
-        return images[0]
-    raise DataError(f"Cannot tell which column holds the images (columns: {columns}); pass --image_column_name.")
+    found = next((name for name in candidates if name in columns), None)
+    if found is None and feature is not None:
+        typed = [name for name, value in dataset.features.items() if isinstance(value, feature)]
+        found = typed[0] if len(typed) == 1 else None
+    return found
+
+
+def keep_columns(splits: DatasetDict, columns: Sequence[str]) -> DatasetDict:
+    """Every split with exactly ``columns``; a split lacking one is an error."""
+    for name, split in splits.items():
+        missing = set(columns) - set(split.column_names)
+        if missing:
+            raise DataError(f"The {name} split lacks the column(s) {sorted(missing)} (columns: {split.column_names}).")
+    return type(splits)({name: split.select_columns(list(columns)) for name, split in splits.items()})
+
+
+def hold_out_and_subsample(splits: DatasetDict, args: Any, stratify_column: str) -> DatasetDict:
+    """Hold the missing test and validation splits out of train (``args.split_seed``, stratified by
+    ``stratify_column`` where every class is large enough) and cut each split to ``args.max_*_samples``."""
+    train = splits["train"]
+    if "test" not in splits:
+        train, splits["test"] = _split_off(train, args.test_split_fraction, args.split_seed, stratify_column)
+    if "validation" not in splits:
+        fraction = args.validation_split_fraction / (1 - args.test_split_fraction)
+        train, splits["validation"] = _split_off(train, fraction, args.split_seed, stratify_column)
+    splits["train"] = train
+    limits = {"train": args.max_train_samples, "validation": args.max_eval_samples, "test": args.max_eval_samples}
+    for name, limit in limits.items():
+        if limit is not None and len(splits[name]) > limit:
+            splits[name] = splits[name].shuffle(seed=args.split_seed).select(range(limit))
+    return type(splits)({name: splits[name] for name in SPLITS})
+
+
+def load_raw_dataset(args: DataArguments, cache_dir: str | None = None, token: str | None = None) -> DatasetDict:
+    """The dataset as ``datasets`` loads it: a Hub/local dataset, image folders, or the embedded default."""
+    from datasets import load_dataset
+
+    return load_splits(
+        args,
+        default=lambda: load_dataset("imagefolder", data_dir=str(default_data_dir()), cache_dir=cache_dir),
+        folders=lambda dirs: load_dataset(
+            "imagefolder", data_files={split: str(Path(d) / "**") for split, d in dirs.items()}, cache_dir=cache_dir
+        ),
+        cache_dir=cache_dir,
+        token=token,
+    )
 
 
 def _find_label_column(dataset: Dataset, requested: str | None, train_dir: str | None = None) -> str:
     from datasets import ClassLabel
 
-    columns = list(dataset.column_names)
-    if requested is not None:
-        if requested in columns:
-            return requested
-        raise DataError(f"The dataset has no label column {requested!r}; its columns are {columns}.")
-    for name in ("label", "labels"):
-        if name in columns:
-            return name
-    class_labels = [name for name, feature in dataset.features.items() if isinstance(feature, ClassLabel)]
-    if len(class_labels) == 1:
-        return class_labels[0]
+    found = pick_column(dataset, requested, ("label", "labels"), "label", ClassLabel)
+    if found is not None:
+        return found
     folders = sorted(p.name for p in Path(train_dir).iterdir() if p.is_dir()) if train_dir else []
     if len(folders) == 1:  # imagefolder drops the label of a single class folder
         raise DataError(
             f"Image classification needs at least two classes, but {train_dir} has one class folder: {folders[0]!r}."
         )
     raise DataError(
-        f"The dataset has no label column 'label' (columns: {columns}). For image folders, put the images of each "
-        "class in their own sub-folder (train/<class>/<image>); for other datasets pass --label_column_name."
+        f"The dataset has no label column 'label' (columns: {list(dataset.column_names)}). For image folders, put the "
+        "images of each class in their own sub-folder (train/<class>/<image>); for other datasets pass "
+        "--label_column_name."
     )
 
 
@@ -241,22 +300,17 @@ def prepare_data(
         DataError: no image or label column, fewer than two classes, splits that disagree on the classes, or a split
             left without usable images.
     """
-    from datasets import DatasetDict
+    from datasets import Image
 
-    raw = load_raw_dataset(args, cache_dir=cache_dir, token=token)
-    if "train" not in raw:
-        raise DataError(f"The dataset has no 'train' split (splits: {list(raw)}).")
-    splits = DatasetDict({name: raw[name] for name in SPLITS if name in raw})
-    if "validation" not in splits and "valid" in raw:
-        splits["validation"] = raw["valid"]
-    image_column = _find_image_column(splits["train"], args.image_column_name)
+    splits = named_splits(load_raw_dataset(args, cache_dir=cache_dir, token=token))
+    image_column = pick_column(splits["train"], args.image_column_name, ("image", "img"), "image", Image)
+    if image_column is None:
+        raise DataError(
+            f"Cannot tell which column holds the images (columns: {splits['train'].column_names}); pass "
+            "--image_column_name."
+        )
     label_column = _find_label_column(splits["train"], args.label_column_name, args.train_dir)
-    for name, split in splits.items():
-        missing = {image_column, label_column} - set(split.column_names)
-        if missing:
-            raise DataError(f"The {name} split lacks the column(s) {sorted(missing)} (columns: {split.column_names}).")
-    splits = DatasetDict({k: v.select_columns([image_column, label_column]) for k, v in splits.items()})
-    splits = _encode_labels(splits, label_column)
+    splits = _encode_labels(keep_columns(splits, [image_column, label_column]), label_column)
     labels = list(splits["train"].features[label_column].names)
     if len(labels) < 2:
         found = f"one: {labels[0]!r}" if labels else "none"
@@ -270,22 +324,7 @@ def prepare_data(
         splits[name], dropped[name] = drop_undecodable(
             splits[name], image_column, name, skip=args.skip_undecodable_images
         )
-
-    train = splits["train"]
-    if "test" not in splits:
-        train, splits["test"] = _split_off(train, args.test_split_fraction, args.split_seed, label_column)
-    if "validation" not in splits:
-        fraction = args.validation_split_fraction / (1 - args.test_split_fraction)
-        train, splits["validation"] = _split_off(train, fraction, args.split_seed, label_column)
-    splits["train"] = train
-    for name, limit in (
-        ("train", args.max_train_samples),
-        ("validation", args.max_eval_samples),
-        ("test", args.max_eval_samples),
-    ):
-        if limit is not None and len(splits[name]) > limit:
-            splits[name] = splits[name].shuffle(seed=args.split_seed).select(range(limit))
-    splits = DatasetDict({name: splits[name] for name in SPLITS})
+    splits = hold_out_and_subsample(splits, args, label_column)
 
     if args.dataset_name is not None:
         description, hub = f"dataset {args.dataset_name}", args.dataset_name
@@ -384,6 +423,11 @@ class Preprocessing:
     def eval_tensor(self, image: PILImage.Image) -> torch.Tensor:
         return self.to_tensor(self.eval_image(image))
 
+    def example(self, image: PILImage.Image, label: int, rng: random.Random | None = None) -> dict[str, Any]:
+        """A model input: the image transformed (augmented with ``rng``, evaluation without) and its class id."""
+        image = self.eval_image(image) if rng is None else self.train_image(image, rng)
+        return {"pixel_values": self.to_tensor(image), "labels": int(label)}
+
 
 def _side(size: Any) -> int:
     """One side length from a processor size (dict or SizeDict with shortest_edge or height/width)."""
@@ -421,17 +465,30 @@ def _random_crop_box(
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-class EpochSeededDataset(torch.utils.data.Dataset):
-    """Base of the training datasets: a ``datasets.Dataset`` split whose training augmentation is seeded per example.
+class TaskDataset(torch.utils.data.Dataset):
+    """A split served as the examples of a task: ``preprocessing.example(image, label, rng)`` of each row (for
+    classification ``{"pixel_values": [3, S, S], "labels": int}``, for segmentation the labels are a [S, S] mask).
 
     With ``train=True`` each example is augmented with a random generator seeded by ``(seed, epoch, index)``
-    (:meth:`rng`): the augmentation of an image does not depend on what was loaded before it, so resuming from a
-    checkpoint, the number of processes and the number of data-loader workers leave it unchanged. The trainer
-    advances the epoch through :meth:`set_epoch` (see :class:`~mona_peft.training.recipe.EpochCallback`).
+    (:meth:`rng`); evaluation examples get ``rng=None``. The augmentation of an image does not depend on what was
+    loaded before it, so resuming from a checkpoint, the number of processes and the number of data-loader workers
+    leave it unchanged. The trainer advances the epoch through :meth:`set_epoch` (see
+    :class:`~mona_peft.training.recipe.EpochCallback`).
     """
 
-    def __init__(self, dataset: Dataset, train: bool = False, seed: int = 0) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        image_column: str,
+        label_column: str,
+        preprocessing: Any,
+        train: bool = False,
+        seed: int = 0,
+    ) -> None:
         self.dataset = dataset
+        self.image_column = image_column
+        self.label_column = label_column
+        self.preprocessing = preprocessing
         self.train = train
         self.seed = seed
         self.epoch = 0
@@ -447,44 +504,23 @@ class EpochSeededDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-
-class ImageClassificationDataset(EpochSeededDataset):
-    """A split served as ``{"pixel_values": [3, S, S] tensor, "labels": int}`` examples, augmented per example when
-    ``train=True`` (see :class:`EpochSeededDataset`)."""
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        image_column: str,
-        label_column: str,
-        preprocessing: Preprocessing,
-        train: bool = False,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(dataset, train, seed)
-        self.image_column = image_column
-        self.label_column = label_column
-        self.preprocessing = preprocessing
-
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.dataset[int(index)]
-        image = row[self.image_column]
-        if self.train:
-            image = self.preprocessing.train_image(image, self.rng(index))
-        else:
-            image = self.preprocessing.eval_image(image)
-        return {"pixel_values": self.preprocessing.to_tensor(image), "labels": int(row[self.label_column])}
+        rng = self.rng(index) if self.train else None
+        return self.preprocessing.example(row[self.image_column], row[self.label_column], rng)
 
 
 def make_collator(forward_kwargs: dict[str, Any] | None = None) -> Callable[[Sequence[dict]], dict[str, Any]]:
-    """A collate function stacking examples into ``pixel_values`` / ``labels`` plus fixed model ``forward_kwargs``
-    (e.g. ``interpolate_pos_encoding=True`` for a ViT run at another size than its pretraining)."""
+    """A collate function stacking examples into ``pixel_values`` and ``labels`` (class ids into a [B] tensor, masks
+    into [B, S, S]) plus fixed model ``forward_kwargs`` (e.g. ``interpolate_pos_encoding=True`` for a ViT run at
+    another size than its pretraining)."""
     extra = dict(forward_kwargs or {})
 
     def collate(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        labels = [e["labels"] for e in examples]
         batch: dict[str, Any] = {
             "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
-            "labels": torch.tensor([e["labels"] for e in examples], dtype=torch.long),
+            "labels": torch.stack(labels) if torch.is_tensor(labels[0]) else torch.tensor(labels, dtype=torch.long),
         }
         batch.update(extra)
         return batch

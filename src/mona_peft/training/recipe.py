@@ -10,17 +10,14 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModelForImageClassification,
-    EvalPrediction,
     Trainer,
     TrainerCallback,
 )
@@ -33,8 +30,6 @@ from .distributed import (
     materialize_meta_parameters,
     set_default_wrap_classes,
 )
-
-PEFT_METHODS = ("mona", "lora")
 
 NO_DECAY_NAME_PARTS = (
     "cls_token",
@@ -252,17 +247,23 @@ def apply_method(
     lora_rank: int = 16,
     lora_alpha: int = 16,
     lora_dropout: float = 0.1,
+    *,
+    heads: Sequence[str] | None = None,
+    lora_targets: Sequence[str] | str | None = None,
 ) -> nn.Module:
-    """Make ``model`` trainable the way ``method`` says (see :data:`~mona_peft.training.arguments.METHODS`).
+    """Make ``model`` trainable the way ``method`` says (see :data:`~mona_peft.training.arguments.METHODS`), for
+    any task.
 
     ``mona`` and ``lora`` return a ``PeftModel`` whose head is trained and saved through ``modules_to_save``;
-    ``full`` and ``linear`` return the model itself with ``requires_grad`` set.
+    ``full`` and ``linear`` return the model itself with ``requires_grad`` set. ``heads`` are the task head's module
+    names (default: :func:`head_module_names`, a classifier's); ``lora_targets`` are LoRA's ``target_modules``
+    (default: the query/value projections, :func:`lora_target_modules`).
     """
     from peft import LoraConfig, get_peft_model
 
     from .. import MonaConfig
 
-    heads = head_module_names(model)
+    heads = list(heads) if heads is not None else head_module_names(model)
     if method == "mona":
         try:
             return get_peft_model(model, MonaConfig(bottleneck_dim=bottleneck_dim, modules_to_save=heads))
@@ -275,7 +276,7 @@ def apply_method(
         config = LoraConfig(
             r=lora_rank,
             lora_alpha=lora_alpha,
-            target_modules=lora_target_modules(model),
+            target_modules=lora_targets if lora_targets is not None else lora_target_modules(model),
             lora_dropout=lora_dropout,
             modules_to_save=heads,
         )
@@ -287,9 +288,13 @@ def apply_method(
     raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
 
 
-def build_model(model_args: ModelArguments, labels: list[str], model_path: str | None = None) -> nn.Module:
-    """Load the backbone with a head for ``labels`` and apply ``model_args.method`` to it."""
-    model = load_classifier(model_args, labels, model_path)
+def prepare_model(
+    model: nn.Module,
+    model_args: Any,
+    heads: Sequence[str] | None = None,
+    lora_targets: Sequence[str] | str | None = None,
+) -> nn.Module:
+    """Apply ``model_args.method`` (with its options) to a freshly loaded task model; see :func:`apply_method`."""
     if fsdp_ram_efficient_loading():  # weights on `meta` here but on the main process: accelerate fills them in
         materialize_meta_parameters(model)
     return apply_method(
@@ -299,7 +304,14 @@ def build_model(model_args: ModelArguments, labels: list[str], model_path: str |
         lora_rank=model_args.lora_rank,
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
+        heads=heads,
+        lora_targets=lora_targets,
     )
+
+
+def build_model(model_args: ModelArguments, labels: list[str], model_path: str | None = None) -> nn.Module:
+    """Load the backbone with a classification head for ``labels`` and apply ``model_args.method`` to it."""
+    return prepare_model(load_classifier(model_args, labels, model_path), model_args)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -329,25 +341,6 @@ def forward_kwargs(model: nn.Module, image_size: int) -> dict[str, Any]:
     return {}
 
 
-def accuracy_metrics(metric: Any) -> Callable[[EvalPrediction], dict[str, float]]:
-    """``compute_metrics`` for the Trainer: accuracy of the arg-max prediction, through an ``evaluate`` metric."""
-
-    def compute(prediction: EvalPrediction) -> dict[str, float]:
-        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-        return metric.compute(predictions=np.argmax(logits, axis=-1), references=prediction.label_ids)
-
-    return compute
-
-
 def is_peft_model(model: nn.Module) -> bool:
     """Whether ``model`` is a PEFT model (it has adapters, saved on their own by ``save_pretrained``)."""
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
-def is_peft_method(method: str) -> bool:
-    return method in PEFT_METHODS
-
-
-def save_label_config(model: nn.Module, output_dir: str | Path) -> None:
-    """Save the (base) model config, with ``id2label``/``label2id``, next to an adapter."""
-    base_model(model).config.save_pretrained(output_dir)

@@ -6,12 +6,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from transformers import TrainingArguments
 
-from ..arguments import DataArguments, ModelArguments, _short_name, argument_classes, build_parser, parse_task_args
+from ..arguments import (
+    DataArguments,
+    ModelArguments,
+    _short_name,
+    arg,
+    argument_classes,
+    build_parser,
+    parse_task_args,
+)
 from .scenes import DEFAULT_NUM_SCENES
 
 SEGMENTATION_METHODS = ("mona", "lora", "full")
@@ -32,83 +40,52 @@ DEFAULT_SEGMENTATION_DATA = "scenes"
 class SegmentationModelArguments(ModelArguments):
     """Which backbone or segmentation model to fine-tune, and how."""
 
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Hub id or local directory of a Swin checkpoint (an UperNet head is added on its four stages) or "
-            "of an UperNetForSemanticSegmentation checkpoint. Default: a small randomly initialised Swin (no "
-            "pretrained Swin weights exist offline), created once with a fixed seed in ~/.cache/mona_peft."
-        },
+    methods: ClassVar[tuple[str, ...]] = SEGMENTATION_METHODS
+    model_name_or_path: str | None = arg(
+        help="Hub id or local directory of a Swin checkpoint (an UperNet head is added on its four stages) or of an "
+        "UperNetForSemanticSegmentation checkpoint. Default: a small randomly initialised Swin (no pretrained Swin "
+        "weights exist offline), created once with a fixed seed in ~/.cache/mona_peft."
     )
-    method: str = field(
-        default="mona",
-        metadata={
-            "help": "mona: Mona in every Swin block + the UperNet head; lora: LoRA r16 on the backbone's query/value "
-            "+ head; full: every parameter.",
-            "choices": list(SEGMENTATION_METHODS),
-        },
+    method: str = arg(
+        "mona",
+        "mona: Mona in every Swin block + the UperNet head; lora: LoRA r16 on the backbone's query/value + head; "
+        "full: every parameter.",
+        choices=list(SEGMENTATION_METHODS),
     )
-
-    def __post_init__(self) -> None:
-        if self.method not in SEGMENTATION_METHODS:
-            raise ValueError(f"--method must be one of {', '.join(SEGMENTATION_METHODS)}, got {self.method!r}.")
-        for name in ("bottleneck_dim", "lora_rank", "lora_alpha"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
 
 
 @dataclass
 class SegmentationDataArguments(DataArguments):
     """Which image/mask pairs to train and evaluate on, and how to preprocess them."""
 
-    dataset_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "A dataset on the Hub (or a local dataset directory) with an image column and a mask column. "
-            "Default (with no --train_dir either): procedurally generated scenes of shapes (see --num_scenes)."
-        },
+    dataset_name: str | None = arg(
+        help="A dataset on the Hub (or a local dataset directory) with an image column and a mask column. Default "
+        "(with no --train_dir either): procedurally generated scenes of shapes (see --num_scenes)."
     )
-    train_dir: str | None = field(
-        default=None,
-        metadata={"help": "Folder with images/<name>.<ext> and masks/<name>.png (one class index per mask pixel)."},
+    train_dir: str | None = arg(
+        help="Folder with images/<name>.<ext> and masks/<name>.png (one class index per mask pixel)."
     )
-    validation_dir: str | None = field(default=None, metadata={"help": "Like --train_dir, for validation."})
-    test_dir: str | None = field(default=None, metadata={"help": "Like --train_dir, for the held-out test split."})
-    image_column_name: str | None = field(
-        default=None, metadata={"help": "Column holding the images (default: 'image', 'pixel_values' or 'img')."}
+    validation_dir: str | None = arg(help="Like --train_dir, for validation.")
+    test_dir: str | None = arg(help="Like --train_dir, for the held-out test split.")
+    image_column_name: str | None = arg(help="Column holding the images (default: 'image', 'pixel_values' or 'img').")
+    label_column_name: str | None = arg(
+        help="Column holding the masks (default: 'label', 'annotation', 'semantic_map', 'mask', ...)."
     )
-    label_column_name: str | None = field(
-        default=None,
-        metadata={"help": "Column holding the masks (default: 'label', 'annotation', 'semantic_map', 'mask', ...)."},
+    class_names: str | None = arg(
+        help="Class names, index = mask value (after --reduce_labels): comma-separated, or a .json file with a list "
+        "or an id2label dict. Default: the scenes' names, else '0'..'N-1' from the largest mask value."
     )
-    class_names: str | None = field(
-        default=None,
-        metadata={
-            "help": "Class names, index = mask value (after --reduce_labels): comma-separated, or a .json file with "
-            "a list or an id2label dict. Default: the scenes' names, else '0'..'N-1' from the largest mask value."
-        },
+    ignore_index: int = arg(255, "Mask value of pixels left out of the loss and the metric.")
+    reduce_labels: bool = arg(
+        False, "ADE20K convention: mask value 0 becomes --ignore_index and every class moves down by one."
     )
-    ignore_index: int = field(
-        default=255, metadata={"help": "Mask value of pixels left out of the loss and the metric."}
+    num_scenes: int = arg(DEFAULT_NUM_SCENES, "How many scenes to generate for the default data.")
+    image_size: int = arg(
+        DEFAULT_SEGMENTATION_IMAGE_SIZE, "Side of the square model input (and of the masks the metric is computed on)."
     )
-    reduce_labels: bool = field(
-        default=False,
-        metadata={"help": "ADE20K convention: mask value 0 becomes --ignore_index and every class moves down by one."},
-    )
-    num_scenes: int = field(
-        default=DEFAULT_NUM_SCENES, metadata={"help": "How many scenes to generate for the default data."}
-    )
-    image_size: int = field(
-        default=DEFAULT_SEGMENTATION_IMAGE_SIZE,
-        metadata={"help": "Side of the square model input (and of the masks the metric is computed on)."},
-    )
-    min_crop_scale: float = field(
-        default=0.5, metadata={"help": "Smallest area fraction of the random training crops (image and mask)."}
-    )
-
-    skip_undecodable_images: bool = field(
-        default=False,
-        metadata={"help": "Not supported for segmentation: an image or mask that cannot be decoded is an error."},
+    min_crop_scale: float = arg(0.5, "Smallest area fraction of the random training crops (image and mask).")
+    skip_undecodable_images: bool = arg(
+        False, "Not supported for segmentation: an image or mask that cannot be decoded is an error."
     )
 
     def __post_init__(self) -> None:

@@ -19,7 +19,18 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
-from ..data import SPLITS, DataError, EpochSeededDataset, Preprocessing, _random_crop_box, _split_off
+from ..data import (
+    SPLITS,
+    DataError,
+    Preprocessing,
+    TaskData,
+    _random_crop_box,
+    hold_out_and_subsample,
+    keep_columns,
+    load_splits,
+    named_splits,
+    pick_column,
+)
 from .scenes import DEFAULT_NUM_SCENES, SCENE_LABELS, SCENES_DESCRIPTION, scene_dataset
 
 if TYPE_CHECKING:
@@ -33,30 +44,12 @@ MASK_COLUMNS = ("label", "annotation", "semantic_map", "mask", "segmentation_mas
 
 
 @dataclass
-class SegmentationData:
-    """Train/validation/test splits of (image, mask) pairs, their columns and the class names (index = mask value
-    after ``reduce_labels``)."""
+class SegmentationData(TaskData):
+    """Train/validation/test splits of (image, mask) pairs (``label_column`` holds the masks) and the class names
+    (index = mask value after ``reduce_labels``)."""
 
-    splits: DatasetDict
-    image_column: str
-    mask_column: str
-    labels: list[str]
-    description: str
     ignore_index: int = 255
     reduce_labels: bool = False
-    hub_dataset: str | None = None
-
-    @property
-    def id2label(self) -> dict[int, str]:
-        return dict(enumerate(self.labels))
-
-    @property
-    def label2id(self) -> dict[str, int]:
-        return {label: i for i, label in enumerate(self.labels)}
-
-    def summary(self) -> str:
-        sizes = ", ".join(f"{name} {len(self.splits[name])}" for name in SPLITS)
-        return f"{self.description}: {len(self.labels)} classes {self.labels}; {sizes} images"
 
 
 def pair_folder(directory: str | Path) -> Dataset:
@@ -98,35 +91,25 @@ def load_raw_segmentation(
     args: SegmentationDataArguments, cache_dir: str | None = None, token: str | None = None
 ) -> DatasetDict:
     """The pairs as loaded: a Hub/local dataset, pair folders, or the generated scenes."""
-    from datasets import DatasetDict, load_dataset
+    from datasets import DatasetDict
 
-    if args.dataset_name is not None:
-        loaded = load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=cache_dir, token=token)
-        return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
-    if args.train_dir is None:
-        return DatasetDict({"train": scene_dataset(args.num_scenes)})
-    splits = {}
-    for split, directory in zip(SPLITS, (args.train_dir, args.validation_dir, args.test_dir), strict=True):
-        if directory is None:
-            continue
-        if not Path(directory).is_dir():
-            raise DataError(f"--{split}_dir {directory!r} is not a directory.")
-        splits[split] = pair_folder(directory)
-    return DatasetDict(splits)
+    return load_splits(
+        args,
+        default=lambda: scene_dataset(args.num_scenes),
+        folders=lambda dirs: DatasetDict({split: pair_folder(d) for split, d in dirs.items()}),
+        cache_dir=cache_dir,
+        token=token,
+    )
 
 
 def _pick_column(dataset: Dataset, requested: str | None, candidates: Sequence[str], what: str, flag: str) -> str:
-    columns = list(dataset.column_names)
-    if requested is not None:
-        if requested not in columns:
-            raise DataError(f"The dataset has no {what} column {requested!r}; its columns are {columns}.")
-        return requested
-    for name in candidates:
-        if name in columns:
-            return name
-    raise DataError(
-        f"Cannot find the {what} column (looked for {list(candidates)}; the columns are {columns}). Pass {flag}."
-    )
+    found = pick_column(dataset, requested, candidates, what)
+    if found is None:
+        raise DataError(
+            f"Cannot find the {what} column (looked for {list(candidates)}; the columns are "
+            f"{list(dataset.column_names)}). Pass {flag}."
+        )
+    return found
 
 
 def mask_array(mask: Any, where: str) -> np.ndarray:
@@ -252,40 +235,13 @@ def prepare_segmentation_data(
         DataError: no image or mask column, a mask that is not a class map of its image's size, class values beyond
             ``--class_names``, or fewer than two classes.
     """
-    from datasets import DatasetDict
-
-    raw = load_raw_segmentation(args, cache_dir=cache_dir, token=token)
-    if "train" not in raw:
-        raise DataError(f"The dataset has no 'train' split (splits: {list(raw)}).")
-    splits = DatasetDict({name: raw[name] for name in SPLITS if name in raw})
-    if "validation" not in splits and "valid" in raw:
-        splits["validation"] = raw["valid"]
+    splits = named_splits(load_raw_segmentation(args, cache_dir=cache_dir, token=token))
     image_column = _pick_column(splits["train"], args.image_column_name, IMAGE_COLUMNS, "image", "--image_column_name")
     mask_candidates = [c for c in MASK_COLUMNS if c != image_column]
     mask_column = _pick_column(
         splits["train"], args.label_column_name, mask_candidates, "mask (label)", "--label_column_name"
     )
-    for name, split in splits.items():
-        missing = {image_column, mask_column} - set(split.column_names)
-        if missing:
-            raise DataError(f"The {name} split lacks the column(s) {sorted(missing)} (columns: {split.column_names}).")
-    splits = DatasetDict({k: v.select_columns([image_column, mask_column]) for k, v in splits.items()})
-
-    train = splits["train"]
-    if "test" not in splits:
-        train, splits["test"] = _split_off(train, args.test_split_fraction, args.split_seed, mask_column)
-    if "validation" not in splits:
-        fraction = args.validation_split_fraction / (1 - args.test_split_fraction)
-        train, splits["validation"] = _split_off(train, fraction, args.split_seed, mask_column)
-    splits["train"] = train
-    for name, limit in (
-        ("train", args.max_train_samples),
-        ("validation", args.max_eval_samples),
-        ("test", args.max_eval_samples),
-    ):
-        if limit is not None and len(splits[name]) > limit:
-            splits[name] = splits[name].shuffle(seed=args.split_seed).select(range(limit))
-    splits = DatasetDict({name: splits[name] for name in SPLITS})
+    splits = hold_out_and_subsample(keep_columns(splits, [image_column, mask_column]), args, mask_column)
 
     default_scenes = args.dataset_name is None and args.train_dir is None
     labels = parse_class_names(args.class_names)
@@ -319,7 +275,7 @@ def prepare_segmentation_data(
     else:
         description, hub = f"{args.num_scenes} {SCENES_DESCRIPTION}", None
     return SegmentationData(
-        splits, image_column, mask_column, labels, description, args.ignore_index, args.reduce_labels, hub
+        splits, image_column, mask_column, labels, description, hub, args.ignore_index, args.reduce_labels
     )
 
 
@@ -362,6 +318,12 @@ class SegmentationPreprocessing:
         labels = self._labels(mask).resize(size, resample=PILImage.Resampling.NEAREST)
         return self.to_tensors(image, np.asarray(labels))
 
+    def example(self, image: Any, mask: Any, rng: random.Random | None = None) -> dict[str, torch.Tensor]:
+        """A model input: ``pixel_values`` [3, S, S] and ``labels`` [S, S], augmented with ``rng`` (evaluation
+        without)."""
+        pixels, labels = self.eval_pair(image, mask) if rng is None else self.train_pair(image, mask, rng)
+        return {"pixel_values": pixels, "labels": labels}
+
     def train_pair(self, image: Any, mask: Any, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
         image = _as_rgb(image)
         labels = self._labels(mask)
@@ -382,52 +344,11 @@ def _as_rgb(image: Any) -> PILImage.Image:
     return image.convert("RGB")
 
 
-class SegmentationDataset(EpochSeededDataset):
-    """A split served as ``{"pixel_values": [3, S, S] float, "labels": [S, S] long}`` examples.
-
-    Training augmentation draws from a generator seeded by ``(seed, epoch, index)``, as for classification
-    (:class:`~mona_peft.training.data.EpochSeededDataset`).
-    """
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        image_column: str,
-        mask_column: str,
-        preprocessing: SegmentationPreprocessing,
-        train: bool = False,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(dataset, train, seed)
-        self.image_column = image_column
-        self.mask_column = mask_column
-        self.preprocessing = preprocessing
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        row = self.dataset[int(index)]
-        image, mask = row[self.image_column], row[self.mask_column]
-        if self.train:
-            pixels, labels = self.preprocessing.train_pair(image, mask, self.rng(index))
-        else:
-            pixels, labels = self.preprocessing.eval_pair(image, mask)
-        return {"pixel_values": pixels, "labels": labels}
-
-
-def collate_segmentation(examples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack examples into ``pixel_values`` [B, 3, S, S] and ``labels`` [B, S, S]."""
-    return {
-        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
-        "labels": torch.stack([e["labels"] for e in examples]),
-    }
-
-
 __all__ = [
     "DEFAULT_NUM_SCENES",
     "SegmentationData",
-    "SegmentationDataset",
     "SegmentationPreprocessing",
     "check_pairs",
-    "collate_segmentation",
     "pair_folder",
     "prepare_segmentation_data",
 ]

@@ -149,55 +149,10 @@ def segmentation_head_names(model: nn.Module) -> list[str]:
     return heads
 
 
-def apply_segmentation_method(
-    model: nn.Module,
-    method: str,
-    bottleneck_dim: int = 64,
-    lora_rank: int = 16,
-    lora_alpha: int = 16,
-    lora_dropout: float = 0.1,
-) -> nn.Module:
-    """Make ``model`` trainable the way ``method`` says.
-
-    ``mona``: Mona in every backbone block; the head is trained through Mona's default ``modules_to_save``.
-    ``lora``: LoRA on the backbone's query/value projections only, with the same head in ``modules_to_save``.
-    ``full``: every parameter.
-    """
-    from peft import LoraConfig, get_peft_model
-
-    from ... import MonaConfig
-
-    if method == "mona":
-        return get_peft_model(model, MonaConfig(bottleneck_dim=bottleneck_dim))
-    if method == "lora":
-        names = "|".join(re.escape(n) for n in lora_target_modules(model))
-        config = LoraConfig(
-            r=lora_rank,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            target_modules=rf"backbone\..*\.({names})",
-            modules_to_save=segmentation_head_names(model),
-        )
-        return get_peft_model(model, config)
-    if method == "full":
-        model.requires_grad_(True)
-        return model
-    raise ValueError(f"Unknown segmentation method {method!r}.")
-
-
-def build_segmenter(
-    model_args: SegmentationModelArguments, labels: list[str], ignore_index: int, model_path: str | None = None
-) -> nn.Module:
-    """Load the segmentation model for ``labels`` and apply ``model_args.method`` to it."""
-    model = load_segmenter(model_args, labels, ignore_index, model_path)
-    return apply_segmentation_method(
-        model,
-        model_args.method,
-        bottleneck_dim=model_args.bottleneck_dim,
-        lora_rank=model_args.lora_rank,
-        lora_alpha=model_args.lora_alpha,
-        lora_dropout=model_args.lora_dropout,
-    )
+def backbone_lora_targets(model: nn.Module) -> str:
+    """LoRA's ``target_modules`` for a segmentation model: the query/value projections of the backbone only."""
+    names = "|".join(re.escape(n) for n in lora_target_modules(model))
+    return rf"backbone\..*\.({names})"
 
 
 def write_metadata(output_dir: str | Path, **values: Any) -> Path:
