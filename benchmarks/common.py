@@ -1,27 +1,46 @@
-"""What every benchmark shares: the machine record, JSON output, the model zoo (configs only) and the methods."""
+"""What every benchmark shares: the machine record, JSON output, the model zoo (configs only), the methods, and the
+statistics of interleaved rounds (medians, paired ratios, the A/A twin)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import platform
+import random
 import shlex
+import statistics
 import subprocess
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.benchmark import Timer
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
 DOCS_DIR = REPO / "docs"
 
 # ----------------------------------------------------------------------------------------------------- the machine
+
+
+def proc_field(path: str, name: str) -> int | None:
+    """The first number of line ``name:`` of a /proc file (kB for memory), or None (not Linux)."""
+    try:
+        line = next(x for x in Path(path).read_text().splitlines() if x.startswith(name + ":"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1])
+
+
+def total_memory_gib() -> float | None:
+    kib = proc_field("/proc/meminfo", "MemTotal")
+    return None if kib is None else round(kib / 2**20, 1)
 
 
 def cpu_model() -> str:
@@ -35,58 +54,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _git_revision() -> str | None:
+def git(*args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"git {' '.join(args)} failed: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def git_revision(dirty_mark: str = "+dirty-src") -> str | None:
+    """The checkout's short commit, marked when ``src/`` has uncommitted changes; None outside git."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=REPO, capture_output=True, text=True)
-    except OSError:
+        return git("rev-parse", "--short", "HEAD") + (dirty_mark if git("status", "--porcelain", "src") else "")
+    except (OSError, RuntimeError):
         return None
-    if head.returncode != 0:
-        return None
-    return head.stdout.strip() + ("+dirty-src" if dirty.stdout.strip() else "")
-
-
-def machine_info(device: str = "cpu") -> dict[str, Any]:
-    """Where and when a result was produced: CPU, cores, memory, library versions, date, load, command."""
-    import peft
-    import transformers
-
-    info: dict[str, Any] = {
-        "cpu": cpu_model(),
-        "logical_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "memory_gib": _total_memory_gib(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "device": device,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "load_average_at_start": load_average(),
-        "command": "python -m " + _module_name() + (" " + shlex.join(sys.argv[1:]) if len(sys.argv) > 1 else ""),
-        "git": _git_revision(),
-    }
-    if device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def _module_name() -> str:
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    if spec is not None and spec.name:
-        return spec.name
-    return Path(sys.argv[0]).stem
-
-
-def _total_memory_gib() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return None
 
 
 def load_average() -> list[float] | None:
@@ -95,6 +75,33 @@ def load_average() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def machine_info(device: str = "cpu") -> dict[str, Any]:
+    """Where and when a result was produced: CPU, cores, memory, library versions, date, load, command."""
+    import peft
+    import transformers
+
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    module = spec.name if spec is not None and spec.name else Path(sys.argv[0]).stem
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": total_memory_gib(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "device": device,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_average_at_start": load_average(),
+        "command": f"python -m {module}" + (" " + shlex.join(sys.argv[1:]) if len(sys.argv) > 1 else ""),
+        "git": git_revision(),
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
 
 
 def write_results(name: str, payload: dict[str, Any], results_dir: Path | None = None) -> Path:
@@ -106,98 +113,121 @@ def write_results(name: str, payload: dict[str, Any], results_dir: Path | None =
     return path
 
 
+# ---------------------------------------------------------------------------------------- interleaved measurements
+
+
+def describe(values: Sequence[float]) -> dict[str, Any]:
+    """Median, quartiles, min, max and count of a sample."""
+    ordered = sorted(values)
+    if not ordered:
+        return {"n": 0}
+    q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else ordered * 3
+    median = statistics.median(ordered)
+    return {"n": len(ordered), "median": median, "q1": q1, "q3": q3, "min": ordered[0], "max": ordered[-1]}
+
+
+def paired_ratios(records: list[dict], numerator: str, denominator: str, key: str) -> dict[str, Any] | None:
+    """Per-round ``key`` of ``numerator`` over ``denominator`` (same round), summarised."""
+    by_round: dict[int, dict[str, float]] = {}
+    for r in records:
+        by_round.setdefault(r["round"], {})[r["method"]] = r[key]
+    values = [
+        row[numerator] / row[denominator]
+        for _, row in sorted(by_round.items())
+        if numerator in row and denominator in row and row[denominator] > 0
+    ]
+    return {**describe(values), "values": values} if values else None
+
+
+def mean_ms(fn: Callable[[], Any], calls: int) -> float:
+    """Mean wall time of ``calls`` calls of ``fn`` in ms (``torch.utils.benchmark.Timer``, at the current threads)."""
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.timeit(calls).mean * 1e3
+
+
+def interleave(
+    variants: dict[str, Callable[[], Any]],
+    rounds: int,
+    calls: int,
+    rng: random.Random,
+    contexts: dict[str, Callable[[], Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Interleaved rounds: each round times every variant once (:func:`mean_ms` of ``calls`` calls), in a fresh
+    random order, so that all of them share the machine's slow and fast moments; after one untimed call each.
+    ``contexts``: a context to enter around a variant's timed calls (outside the timer)."""
+    contexts = contexts or {}
+    for name, fn in variants.items():
+        with contexts.get(name, contextlib.nullcontext)():
+            fn()
+    records = []
+    for r in range(rounds):
+        order = list(variants)
+        rng.shuffle(order)
+        for name in order:
+            with contexts.get(name, contextlib.nullcontext)():
+                records.append({"round": r, "method": name, "ms": mean_ms(variants[name], calls)})
+    return records
+
+
+def per_method(records: list[dict], key: str = "ms") -> dict[str, dict[str, Any]]:
+    """:func:`describe` of ``key`` per method, in order of first appearance."""
+    methods = dict.fromkeys(r["method"] for r in records)
+    return {m: describe([r[key] for r in records if r["method"] == m]) for m in methods}
+
+
 # ------------------------------------------------------------------------------------------------------ the models
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A backbone built from its config only (no weights): name, family and how to build the config."""
+    """A backbone built from its config only (no weights): name, family (``vit`` | ``swin`` | ``dinov2``) and the
+    config's arguments."""
 
     key: str
     name: str
-    family: str  # "vit" | "swin" | "dinov2"
-    make_config: Callable[..., Any]
-    image_size: int
+    family: str
+    kwargs: dict[str, Any] = field(hash=False)
+    image_size: int = 224
 
     def config(self, **extra: Any) -> Any:
-        return self.make_config(**extra)
+        import transformers
+
+        names = {"vit": "ViTConfig", "swin": "SwinConfig", "dinov2": "Dinov2Config"}
+        return getattr(transformers, names[self.family])(**{**self.kwargs, **extra})
 
 
-def _swin(embed_dim: int, depths: list[int], heads: list[int]) -> Callable[..., Any]:
-    def make(**extra: Any) -> Any:
-        from transformers import SwinConfig
-
-        kwargs = dict(embed_dim=embed_dim, depths=depths, num_heads=heads, window_size=7, image_size=224, patch_size=4)
-        return SwinConfig(**{**kwargs, **extra})
-
-    return make
+def _swin(embed_dim: int, depths: list[int], heads: list[int]) -> dict[str, Any]:
+    return dict(embed_dim=embed_dim, depths=depths, num_heads=heads, window_size=7, image_size=224, patch_size=4)
 
 
-def _vit(hidden: int, layers: int, heads: int) -> Callable[..., Any]:
-    def make(**extra: Any) -> Any:
-        from transformers import ViTConfig
-
-        kwargs = dict(
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            intermediate_size=4 * hidden,
-            image_size=224,
-            patch_size=16,
-        )
-        return ViTConfig(**{**kwargs, **extra})
-
-    return make
-
-
-def _dinov2(hidden: int, heads: int) -> Callable[..., Any]:
-    def make(**extra: Any) -> Any:
-        from transformers import Dinov2Config
-
-        # facebook/dinov2-{small,base}: 12 layers, patch 14, native image size 518, layer scale 1.0
-        kwargs = dict(
-            hidden_size=hidden,
-            num_hidden_layers=12,
-            num_attention_heads=heads,
-            mlp_ratio=4,
-            patch_size=14,
-            image_size=518,
-            layerscale_value=1.0,
-        )
-        return Dinov2Config(**{**kwargs, **extra})
-
-    return make
-
-
-def _tiny_vit(**extra: Any) -> Any:
-    from transformers import ViTConfig
-
+def _vit(hidden: int, layers: int, heads: int) -> dict[str, Any]:
     kwargs = dict(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=4 * hidden
     )
-    return ViTConfig(**{**kwargs, **extra})
+    return {**kwargs, "image_size": 224, "patch_size": 16}
 
 
-def _tiny_swin(**extra: Any) -> Any:
-    from transformers import SwinConfig
+def _dinov2(hidden: int, heads: int) -> dict[str, Any]:
+    # facebook/dinov2-{small,base}: 12 layers, patch 14, native image size 518, layer scale 1.0
+    kwargs = dict(hidden_size=hidden, num_hidden_layers=12, num_attention_heads=heads, mlp_ratio=4, patch_size=14)
+    return {**kwargs, "image_size": 518, "layerscale_value": 1.0}
 
-    kwargs = dict(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4)
-    return SwinConfig(**{**kwargs, **extra})
 
-
+_TINY_VIT = {**_vit(32, 2, 4), "intermediate_size": 64, "image_size": 32, "patch_size": 8}
+_TINY_SWIN = dict(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4)
 MODELS: dict[str, ModelSpec] = {
     spec.key: spec
     for spec in (
-        ModelSpec("swin-t", "Swin-T", "swin", _swin(96, [2, 2, 6, 2], [3, 6, 12, 24]), 224),
-        ModelSpec("swin-s", "Swin-S", "swin", _swin(96, [2, 2, 18, 2], [3, 6, 12, 24]), 224),
-        ModelSpec("swin-b", "Swin-B", "swin", _swin(128, [2, 2, 18, 2], [4, 8, 16, 32]), 224),
-        ModelSpec("swin-l", "Swin-L", "swin", _swin(192, [2, 2, 18, 2], [6, 12, 24, 48]), 224),
-        ModelSpec("vit-b", "ViT-B/16", "vit", _vit(768, 12, 12), 224),
-        ModelSpec("vit-l", "ViT-L/16", "vit", _vit(1024, 24, 16), 224),
-        ModelSpec("dinov2-s", "DINOv2-S/14", "dinov2", _dinov2(384, 6), 224),
-        ModelSpec("dinov2-b", "DINOv2-B/14", "dinov2", _dinov2(768, 12), 224),
-        ModelSpec("tiny-vit", "tiny ViT (smoke test)", "vit", _tiny_vit, 32),
-        ModelSpec("tiny-swin", "tiny Swin (smoke test)", "swin", _tiny_swin, 32),
+        ModelSpec("swin-t", "Swin-T", "swin", _swin(96, [2, 2, 6, 2], [3, 6, 12, 24])),
+        ModelSpec("swin-s", "Swin-S", "swin", _swin(96, [2, 2, 18, 2], [3, 6, 12, 24])),
+        ModelSpec("swin-b", "Swin-B", "swin", _swin(128, [2, 2, 18, 2], [4, 8, 16, 32])),
+        ModelSpec("swin-l", "Swin-L", "swin", _swin(192, [2, 2, 18, 2], [6, 12, 24, 48])),
+        ModelSpec("vit-b", "ViT-B/16", "vit", _vit(768, 12, 12)),
+        ModelSpec("vit-l", "ViT-L/16", "vit", _vit(1024, 24, 16)),
+        ModelSpec("dinov2-s", "DINOv2-S/14", "dinov2", _dinov2(384, 6)),
+        ModelSpec("dinov2-b", "DINOv2-B/14", "dinov2", _dinov2(768, 12)),
+        ModelSpec("tiny-vit", "tiny ViT (smoke test)", "vit", _TINY_VIT, 32),
+        ModelSpec("tiny-swin", "tiny Swin (smoke test)", "swin", _TINY_SWIN, 32),
     )
 }
 
@@ -206,12 +236,8 @@ def build_classifier(spec: ModelSpec, num_labels: int = 1000) -> nn.Module:
     """An image classifier of ``spec``'s family, randomly initialised from its config (on the current device)."""
     import transformers
 
-    classes = {
-        "vit": transformers.ViTForImageClassification,
-        "swin": transformers.SwinForImageClassification,
-        "dinov2": transformers.Dinov2ForImageClassification,
-    }
-    return classes[spec.family](spec.config(num_labels=num_labels))
+    names = {"vit": "ViT", "swin": "Swin", "dinov2": "Dinov2"}
+    return getattr(transformers, f"{names[spec.family]}ForImageClassification")(spec.config(num_labels=num_labels))
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
@@ -239,18 +265,12 @@ def lora_config(model: nn.Module, modules_to_save: list[str] | None = None) -> A
     """LoRA r = 16 on the attention's query and value projections (alpha = r, no dropout, no bias)."""
     from peft import LoraConfig
 
-    return LoraConfig(
-        r=LORA_RANK,
-        lora_alpha=LORA_RANK,
-        target_modules=lora_target_modules(model),
-        modules_to_save=modules_to_save,
-    )
+    targets = lora_target_modules(model)
+    return LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=targets, modules_to_save=modules_to_save)
 
 
 def mona_config(
-    bottleneck_dim: int = 64,
-    modules_to_save: list[str] | None = None,
-    default_heads: bool = False,
+    bottleneck_dim: int = 64, modules_to_save: list[str] | None = None, default_heads: bool = False
 ) -> Any:
     """Mona with the paper's defaults (kernels 3/5/7, dropout 0.1, both positions).
 

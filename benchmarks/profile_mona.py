@@ -26,7 +26,6 @@ hooks and ``torch.profiler``; nothing in the package is patched.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import random
 import re
@@ -41,8 +40,19 @@ import torch.nn.functional as F
 from peft import get_peft_model
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from benchmarks.common import HEAD, MODELS, build_classifier, load_average, machine_info, mona_config, write_results
-from benchmarks.speed import describe, median_ms, paired_ratios
+from benchmarks.common import (
+    HEAD,
+    MODELS,
+    build_classifier,
+    describe,
+    interleave,
+    load_average,
+    machine_info,
+    mona_config,
+    paired_ratios,
+    per_method,
+    write_results,
+)
 from mona_peft import MonaAdapter
 from mona_peft.filters import merged_filter, merged_filter_params, reference_filter
 from mona_peft.fused import scaled_norm_down
@@ -298,30 +308,17 @@ def module_comparison(shape: dict[str, int], rounds: int, inner: int, seed: int)
 
         def run(adapter: MonaAdapter, mode: str = mode) -> None:
             if mode == "train":
-                xi = x.detach().requires_grad_(True)
-                adapter(xi, grid, num_prefix).backward(grad)
+                adapter(x.detach().requires_grad_(True), grid, num_prefix).backward(grad)
                 adapter.zero_grad(set_to_none=True)
             else:
                 with torch.no_grad():
                     adapter(x, grid, num_prefix)
 
-        for adapter in variants.values():
-            run(adapter)
-        records = []
-        for r in range(rounds):
-            order = list(variants)
-            rng.shuffle(order)
-            for name in order:
-                records.append(
-                    {"round": r, "method": name, "ms": median_ms(lambda name=name: run(variants[name]), inner)}
-                )
-        result[mode] = {
-            "ms": {name: describe([rec["ms"] for rec in records if rec["method"] == name]) for name in variants},
-            "ratios": {
-                "fused/unfused": paired_ratios(records, "fused", "unfused", "ms"),
-                "unfused_twin/unfused": paired_ratios(records, "unfused_twin", "unfused", "ms"),
-            },
-        }
+        calls = {name: (lambda adapter=adapter, run=run: run(adapter)) for name, adapter in variants.items()}
+        records = interleave(calls, rounds, inner, rng)
+        pairs = {"fused/unfused": ("fused", "unfused"), "unfused_twin/unfused": ("unfused_twin", "unfused")}
+        ratios = {name: paired_ratios(records, *pair, "ms") for name, pair in pairs.items()}
+        result[mode] = {"ms": per_method(records), "ratios": ratios}
     result["saved_for_backward_mib"] = {
         name: saved_tensor_mib(lambda adapter=adapter: adapter(x.detach().requires_grad_(True), grid, num_prefix))
         for name, adapter in (("unfused", unfused), ("fused", fused))
@@ -353,34 +350,19 @@ def filter_variants(shape: dict[str, int], rounds: int, inner: int, seed: int) -
     image = torch.randn(b, 1 + g * g, m)[:, 1:].transpose(1, 2).reshape(b, m, g, g)
     convs = [torch.nn.Conv2d(m, m, k, padding=k // 2, groups=m) for k in (3, 5, 7)]
     weights, biases = [c.weight for c in convs], [c.bias for c in convs]
-    from mona_peft.filters import merged_filter_params
-
     with torch.no_grad():
         kernel, bias = merged_filter_params(weights, biases)
-
-    variants = {
-        "merged (src)": lambda: merged_filter(image, weights, biases),
-        "merged, cached kernel": lambda: F.conv2d(image, kernel, bias, padding=3, groups=m),
-        "three convs (reference)": lambda: reference_filter(image, weights, biases),
+        variants = {
+            "merged (src)": lambda: merged_filter(image, weights, biases),
+            "merged, cached kernel": lambda: F.conv2d(image, kernel, bias, padding=3, groups=m),
+            "three convs (reference)": lambda: reference_filter(image, weights, biases),
+        }
+        records = interleave(variants, rounds, inner, random.Random(seed))
+    ratios = {
+        "cached/src": paired_ratios(records, "merged, cached kernel", "merged (src)", "ms"),
+        "reference/src": paired_ratios(records, "three convs (reference)", "merged (src)", "ms"),
     }
-    rng = random.Random(seed)
-    records = []
-    with torch.no_grad():
-        for fn in variants.values():
-            fn()
-        for r in range(rounds):
-            order = list(variants)
-            rng.shuffle(order)
-            for name in order:
-                records.append({"round": r, "method": name, "ms": median_ms(variants[name], inner)})
-    return {
-        "shape": shape,
-        "ms": {name: describe([rec["ms"] for rec in records if rec["method"] == name]) for name in variants},
-        "ratios": {
-            "cached/src": paired_ratios(records, "merged, cached kernel", "merged (src)", "ms"),
-            "reference/src": paired_ratios(records, "three convs (reference)", "merged (src)", "ms"),
-        },
-    }
+    return {"shape": shape, "ms": per_method(records), "ratios": ratios}
 
 
 # ---------------------------------------------------------------------------------------------- a full train step
@@ -568,20 +550,9 @@ def op_costs(rounds: int, inner: int, seed: int) -> dict[str, Any]:
         "linear C -> 64 (down projection)": lambda: F.linear(x, down),
         "linear C -> 128": lambda: F.linear(x, down2),
     }
-    rng = random.Random(seed)
-    records = []
     with torch.no_grad():
-        for fn in ops.values():
-            fn()
-        for r in range(rounds):
-            order = list(ops)
-            rng.shuffle(order)
-            for name in order:
-                records.append({"round": r, "method": name, "ms": median_ms(ops[name], inner)})
-    return {
-        "shape": [32, 197, 768],
-        "ms": {name: describe([rec["ms"] for rec in records if rec["method"] == name]) for name in ops},
-    }
+        records = interleave(ops, rounds, inner, random.Random(seed))
+    return {"shape": [32, 197, 768], "ms": per_method(records)}
 
 
 # ------------------------------------------------------------------------------------------------- hook overhead
@@ -621,35 +592,22 @@ def hook_overhead(rounds: int, inner: int, seed: int) -> dict[str, Any]:
         for module, args, kwargs in calls:
             module(*args, **kwargs)
 
-    # name -> (one call, the context it runs in: entered once around the timed calls, outside the timer)
-    variants: dict[str, tuple[Callable[[], None], Callable[[], Any]]] = {
-        "plain": (lambda: forward(plain), contextlib.nullcontext),
-        "wrapped, adapters disabled": (lambda: forward(wrapped), wrapped.disable_adapter),
-        "mona": (lambda: forward(wrapped), contextlib.nullcontext),
-        "mona modules alone": (alone, contextlib.nullcontext),
+    variants = {
+        "plain": lambda: forward(plain),
+        "wrapped, adapters disabled": lambda: forward(wrapped),
+        "mona": lambda: forward(wrapped),
+        "mona modules alone": alone,
     }
-    rng = random.Random(seed)
-    records = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # microsecond-scale work: keep OpenMP barriers (and other processes) out of it
     try:
-        with torch.no_grad():
-            for fn, context in variants.values():
-                with context():
-                    fn()
-            for r in range(rounds):
-                order = list(variants)
-                rng.shuffle(order)
-                for name in order:
-                    fn, context = variants[name]
-                    with context():
-                        start = time.perf_counter()
-                        for _ in range(inner):
-                            fn()
-                        elapsed = time.perf_counter() - start
-                    records.append({"round": r, "method": name, "us": elapsed / inner * 1e6})
+        with torch.no_grad():  # the disabled wrapper's context is entered around its timed calls, outside the timer
+            contexts = {"wrapped, adapters disabled": wrapped.disable_adapter}
+            records = interleave(variants, rounds, inner, random.Random(seed), contexts)
     finally:
         torch.set_num_threads(threads)
+    for record in records:
+        record["us"] = record.pop("ms") * 1e3
     blocks = config.num_hidden_layers
     by_round: dict[int, dict[str, float]] = {}
     for x in records:
@@ -659,9 +617,7 @@ def hook_overhead(rounds: int, inner: int, seed: int) -> dict[str, Any]:
     return {
         "model": f"tiny ViT, {blocks} blocks, hidden 32, 17 tokens, batch 1, no grad, 1 thread",
         "mona_modules_per_forward": len(calls),
-        "us_per_forward": {
-            name: describe([rec["us"] for rec in records if rec["method"] == name]) for name in variants
-        },
+        "us_per_forward": {name: per_method(records, "us")[name] for name in variants},
         "glue_us_per_block_call": describe(glue),
         "idle_wrapper_us_per_block_call": describe(idle),
     }

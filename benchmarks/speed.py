@@ -45,14 +45,13 @@ import io
 import multiprocessing as mp
 import os
 import random
-import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +68,16 @@ from benchmarks.common import (
     MODELS,
     REPO,
     build_classifier,
+    git,
+    git_revision,
+    interleave,
     load_average,
     lora_config,
     machine_info,
     mona_config,
+    paired_ratios,
+    per_method,
+    total_memory_gib,
     write_results,
 )
 
@@ -89,118 +94,35 @@ METHOD_LABELS = {
     "mona_mixed": "Mona, 2 adapters, mixed batch (half each)",
 }
 TRAIN_METHODS = ("full", "lora", "mona", "mona_ref", "mona_twin", "mona_unfused", "mona_before")
-INFERENCE_METHODS = (
-    "frozen",
-    "lora",
-    "mona",
-    "mona_ref",
-    "mona_twin",
-    "mona_unfused",
-    "mona_before",
-    "mona_single",
-    "mona_mixed",
-)
-DEFAULT_METHODS = (
-    "frozen",
-    "full",
-    "lora",
-    "mona",
-    "mona_ref",
-    "mona_twin",
-    "mona_unfused",
-    "mona_single",
-    "mona_mixed",
-)
+INFERENCE_METHODS = tuple(m for m in METHOD_LABELS if m != "full")
+DEFAULT_METHODS = tuple(m for m in METHOD_LABELS if m != "mona_before")
 # The two adapters of mona_single / mona_mixed; the mixed batch is the first half on one, the second half on the other.
 # (Not "a"/"b": PEFT warns about adapter names contained in the parameter prefix "mona_".)
 MIXED_ADAPTERS = ("first", "second")
 NUM_LABELS = 1000
 STAT_KEYS = ("seconds", "cpu_seconds", "peak_mib", "step_mib", "cpu_util")
 
-# (numerator, denominator) pairs reported as per-round ratios; a pair is skipped when a method was not run.
+# "numerator/denominator" pairs reported as per-round ratios; a pair is skipped when a method was not run.
 TIME_PAIRS = {
-    "train": [
-        ("mona", "lora"),
-        ("mona", "full"),
-        ("lora", "full"),
-        ("mona", "mona_ref"),
-        ("mona_twin", "mona"),
-        ("mona", "mona_unfused"),
-        ("mona_unfused", "lora"),
-        ("mona_unfused", "full"),
-        ("mona", "mona_before"),
-        ("mona_before", "lora"),
-        ("mona_before", "full"),
-    ],
-    "inference": [
-        ("mona", "frozen"),
-        ("lora", "frozen"),
-        ("mona", "mona_ref"),
-        ("mona_twin", "mona"),
-        ("mona", "mona_unfused"),
-        ("mona_unfused", "frozen"),
-        ("mona", "mona_before"),
-        ("mona_before", "frozen"),
-        ("mona_mixed", "mona_single"),
-        ("mona_single", "mona"),
-        ("mona_mixed", "frozen"),
-    ],
+    "train": str.split(
+        "mona/lora mona/full lora/full mona/mona_ref mona_twin/mona mona/mona_unfused mona_unfused/lora "
+        "mona_unfused/full mona/mona_before mona_before/lora mona_before/full"
+    ),
+    "inference": str.split(
+        "mona/frozen lora/frozen mona/mona_ref mona_twin/mona mona/mona_unfused mona_unfused/frozen "
+        "mona/mona_before mona_before/frozen mona_mixed/mona_single mona_single/mona mona_mixed/frozen"
+    ),
 }
-MEMORY_PAIRS = [
-    ("mona", "lora"),
-    ("mona", "full"),
-    ("lora", "full"),
-    ("mona", "mona_ref"),
-    ("mona_twin", "mona"),
-    ("mona", "mona_unfused"),
-    ("mona_unfused", "lora"),
-    ("mona", "mona_before"),
-    ("mona_before", "lora"),
-]
+MEMORY_PAIRS = str.split(
+    "mona/lora mona/full lora/full mona/mona_ref mona_twin/mona mona/mona_unfused mona_unfused/lora mona/mona_before "
+    "mona_before/lora"
+)
 
 
-# ------------------------------------------------------------------------------------------------------ statistics
-
-
-def describe(values: Sequence[float]) -> dict[str, Any]:
-    """Median, quartiles, min, max and count of a sample."""
-    ordered = sorted(values)
-    if not ordered:
-        return {"n": 0}
-    q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else ordered * 3
-    return {
-        "n": len(ordered),
-        "median": statistics.median(ordered),
-        "q1": q1,
-        "q3": q3,
-        "min": ordered[0],
-        "max": ordered[-1],
-    }
-
-
-def median_ms(fn: Any, calls: int) -> float:
-    """Median wall time of ``calls`` calls of ``fn``, in ms (robust to the odd call preempted by another process)."""
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
-def paired_ratios(records: list[dict], numerator: str, denominator: str, key: str) -> dict[str, Any] | None:
-    """Per-round ``key`` of ``numerator`` over ``denominator`` (same round), summarised."""
-    by_round: dict[int, dict[str, float]] = {}
-    for r in records:
-        by_round.setdefault(r["round"], {})[r["method"]] = r[key]
-    values = [
-        row[numerator] / row[denominator]
-        for _, row in sorted(by_round.items())
-        if numerator in row and denominator in row and row[denominator] > 0
-    ]
-    if not values:
-        return None
-    return {**describe(values), "values": values}
+def ratios(records: list[dict], pairs: list[str], key: str) -> dict[str, dict]:
+    """The paired ratios of ``pairs`` (``"num/den"``) on ``key`` that both methods were measured for."""
+    found = {pair: paired_ratios(records, *pair.split("/"), key) for pair in pairs}
+    return {pair: r for pair, r in found.items() if r is not None}
 
 
 # ---------------------------------------------------------------------------------------------------------- worker
@@ -210,35 +132,31 @@ class MethodBench:
     """One method on one model in a worker process: builds it once, then measures train steps and inference."""
 
     def __init__(self, model_key: str, method: str, device: str, seed: int) -> None:
-        self.method = method
-        base_method, _, variant = method.partition("+")
+        base, _, variant = method.partition("+")
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.spec = MODELS[model_key]
         torch.manual_seed(seed)
         model = build_classifier(self.spec, NUM_LABELS)
-        if base_method == "frozen":
+        if base == "frozen":
             model.requires_grad_(False)
-        elif base_method == "lora":
+        elif base == "lora":
             model = peft.get_peft_model(model, lora_config(model, modules_to_save=[HEAD]))
-        elif base_method in ("mona_single", "mona_mixed"):
+        elif base in ("mona_single", "mona_mixed"):
             first, second = MIXED_ADAPTERS
             model = peft.get_peft_model(model, mona_config(modules_to_save=[HEAD]), adapter_name=first)
             model.add_adapter(second, mona_config(modules_to_save=[HEAD]))
             model.set_adapter(first)  # mona_single runs every sample through it; mona_mixed routes per sample
-        elif base_method.startswith("mona"):
+        elif base.startswith("mona"):
             # mona_before: the same call, in a worker whose mona_peft is the baseline revision's
             model = peft.get_peft_model(model, mona_config(modules_to_save=[HEAD]))
-            if base_method in ("mona_unfused", "mona_ref"):
+            if base in ("mona_unfused", "mona_ref"):
                 from mona_peft import set_compute
 
-                if base_method == "mona_unfused":
-                    set_compute(model, fused=False)
-                else:
-                    set_compute(model, merge_filters=False)
-        elif base_method != "full":
+                set_compute(model, **({"fused": False} if base == "mona_unfused" else {"merge_filters": False}))
+        elif base != "full":
             raise ValueError(f"unknown method {method!r}")
-        self.mixed = base_method == "mona_mixed"
+        self.mixed = base == "mona_mixed"
         self.model = model.to(self.device)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=1e-4) if self.trainable else None
@@ -248,28 +166,15 @@ class MethodBench:
     def info(self) -> dict[str, Any]:
         # How the Mona adapters compute, read from the modules (none for the other methods; a baseline revision
         # without MonaAdapter reports none either).
-        compute = sorted(
-            {
-                f"fused={m.fused}, merge_filters={m.merge_filters}"
-                for m in self.model.modules()
-                if type(m).__name__ == "MonaAdapter"
-            }
-        )
+        adapters = [m for m in self.model.modules() if type(m).__name__ == "MonaAdapter"]
         return {
             "trainable_params": sum(p.numel() for p in self.trainable),
             "total_params": sum(p.numel() for p in self.model.parameters()),
             "rss_after_build_mib": memory.rss_mib(),
             "mona_peft_file": mona_peft.__file__,
-            "mona_adapters": sum(type(m).__name__ == "MonaAdapter" for m in self.model.modules()),
-            "mona_compute": compute,
+            "mona_adapters": len(adapters),
+            "mona_compute": sorted({f"fused={m.fused}, merge_filters={m.merge_filters}" for m in adapters}),
         }
-
-    def _adapter_names(self, batch: int) -> list[str] | None:
-        """mona_mixed: the first half of the batch on one adapter, the rest on the other."""
-        if not self.mixed:
-            return None
-        first, second = MIXED_ADAPTERS
-        return [first] * (batch // 2) + [second] * (batch - batch // 2)
 
     def _batch(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         if batch not in self.inputs:
@@ -281,23 +186,22 @@ class MethodBench:
         return self.inputs[batch]
 
     def _autocast(self) -> Any:
-        if self.cuda:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast("cpu", enabled=False)
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else torch.autocast("cpu", enabled=False)
 
-    def _train_step(self, pixels: torch.Tensor, labels: torch.Tensor) -> None:
-        self.model.train()
-        with self._autocast():
-            logits = self.forward(pixel_values=pixels).logits
-        loss = F.cross_entropy(logits.float(), labels)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def _inference(self, pixels: torch.Tensor) -> None:
+    def _run(self, kind: str, pixels: torch.Tensor, labels: torch.Tensor) -> None:
+        if kind == "train":
+            self.model.train()
+            with self._autocast():
+                logits = self.forward(pixel_values=pixels).logits
+            F.cross_entropy(logits.float(), labels).backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return
         self.model.eval()
-        names = self._adapter_names(pixels.shape[0])
-        extra = {} if names is None else {"adapter_names": names}
+        extra = {}
+        if self.mixed:  # the first half of the batch on one adapter, the rest on the other
+            half = pixels.shape[0] // 2
+            extra["adapter_names"] = [MIXED_ADAPTERS[0]] * half + [MIXED_ADAPTERS[1]] * (pixels.shape[0] - half)
         with torch.inference_mode(), self._autocast():
             self.forward(pixel_values=pixels, **extra)
 
@@ -319,10 +223,7 @@ class MethodBench:
             before = memory.rss_mib()
             memory.reset_peak()
         cpu_start, start = time.process_time(), time.perf_counter()
-        if kind == "train":
-            self._train_step(pixels, labels)
-        else:
-            self._inference(pixels)
+        self._run(kind, pixels, labels)
         if self.cuda:
             torch.cuda.synchronize()
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
@@ -347,9 +248,7 @@ def _worker_main(
     """Serve measurements of one method. ``package_dir``: the directory mona_peft must have been imported from (a
     baseline revision's ``src``), checked before anything is built."""
     try:
-        if package_dir is not None and not Path(mona_peft.__file__).resolve().is_relative_to(
-            Path(package_dir).resolve()
-        ):
+        if package_dir and not Path(mona_peft.__file__).resolve().is_relative_to(Path(package_dir).resolve()):
             raise RuntimeError(f"{method} should run mona_peft from {package_dir}, got {mona_peft.__file__}")
         torch.set_num_threads(threads)
         allocator_fixed = memory.fix_allocator_policy() if not device.startswith("cuda") else False
@@ -360,8 +259,7 @@ def _worker_main(
                 memory.trim_heap()
                 conn.send({"ok": True, "rss_after_mib": memory.rss_mib()})
             else:
-                _, kind, batch, trim_before, trim_after = command
-                conn.send({"ok": True, **bench.measure(kind, batch, trim_before, trim_after)})
+                conn.send({"ok": True, **bench.measure(*command[1:])})
     except Exception:
         conn.send({"ok": False, "error": traceback.format_exc()})
     finally:
@@ -387,64 +285,45 @@ class Worker:
     fresh interpreter (``subprocess``) rather than a ``multiprocessing`` child, whose imports come from this process.
     """
 
-    def __init__(
-        self,
-        ctx: Any,
-        model_key: str,
-        method: str,
-        device: str,
-        threads: int,
-        seed: int,
-        baseline_src: str | None = None,
-    ) -> None:
+    def __init__(self, ctx: Any, method: str, args: tuple, baseline_src: str | None = None) -> None:
         self.method = method
         self.conn, child = ctx.Pipe()
-        self.process: Any
         if baseline_src is None:
-            self.process = ctx.Process(
-                target=_worker_main, args=(child, model_key, method, device, threads, seed), daemon=True
-            )
+            self.process = ctx.Process(target=_worker_main, args=(child, *args), daemon=True)
             self.process.start()
         else:
-            fd = child.fileno()
-            args = [str(fd), baseline_src, model_key, method, device, str(threads), str(seed)]
-            self.process = subprocess.Popen(
-                [sys.executable, "-c", _BASELINE_BOOTSTRAP, *args], cwd=REPO, pass_fds=(fd,)
-            )
+            argv = [str(child.fileno()), baseline_src, *map(str, args)]
+            bootstrap = [sys.executable, "-c", _BASELINE_BOOTSTRAP, *argv]
+            self.process = subprocess.Popen(bootstrap, cwd=REPO, pass_fds=(child.fileno(),))
         child.close()
         self.info: dict[str, Any] = {}
 
-    def _receive(self) -> dict[str, Any]:
+    def _ask(self, *command: Any) -> dict[str, Any]:
+        if command:
+            self.conn.send(command)
         reply = self.conn.recv()
         if not reply.pop("ok"):
             raise RuntimeError(f"worker {self.method!r} failed:\n{reply['error']}")
         return reply
 
     def ready(self) -> None:
-        self.info = self._receive()["info"]
+        self.info = self._ask()["info"]
 
     def measure(self, kind: str, batch: int, trim: bool, keep_warm: bool = False) -> dict[str, Any]:
         """One measurement; ``trim``: from a trimmed heap, given back after unless ``keep_warm``."""
-        self.conn.send(("measure", kind, batch, trim, trim and not keep_warm))
-        return self._receive()
+        return self._ask("measure", kind, batch, trim, trim and not keep_warm)
 
     def release(self) -> float:
         """Give the worker's free heap back to the OS; returns its RSS after."""
-        self.conn.send(("release",))
-        return self._receive()["rss_after_mib"]
+        return self._ask("release")["rss_after_mib"]
 
     def stop(self) -> None:
         with contextlib.suppress(BrokenPipeError, OSError):
             self.conn.send(None)
-        if isinstance(self.process, subprocess.Popen):
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.terminate()
-                self.process.wait(timeout=30)
-            return
-        self.process.join(timeout=30)
-        if self.process.is_alive():
+        popen = isinstance(self.process, subprocess.Popen)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=30) if popen else self.process.join(timeout=30)
+        if (self.process.poll() is None) if popen else self.process.is_alive():
             self.process.terminate()
 
 
@@ -452,67 +331,61 @@ class Worker:
 
 
 def run_model(
-    model_key: str,
-    methods: Sequence[str],
-    batches: Sequence[int],
-    rounds: Sequence[int],
-    device: str,
-    threads: int,
-    seed: int,
-    ctx: Any,
-    ref_max_batch: int | None = None,
-    baseline_src: str | None = None,
+    model_key: str, methods: list[str], batches: list[int], rounds: list[int], args: argparse.Namespace, **kw: Any
 ) -> tuple[list[dict], list[dict]]:
     """All measurements of one model: warm-up, then interleaved rounds at each batch size.
 
-    ``mona_ref`` is measured only at batch sizes up to ``ref_max_batch`` (all when None); ``mona_before`` runs the
-    package found in ``baseline_src``.
+    ``kw``: ``threads``, ``ctx`` and ``baseline_src`` (the package ``mona_before`` runs); ``mona_ref`` is measured
+    only at batch sizes up to ``args.ref_max_batch`` (all when 0).
     """
-    rng = random.Random(seed)
+    rng = random.Random(args.seed)
     started = time.perf_counter()
+    spec = (model_key, args.device, kw["threads"], args.seed)
     workers = {
-        m: Worker(ctx, model_key, m, device, threads, seed, baseline_src if m.split("+")[0] == "mona_before" else None)
+        m: Worker(kw["ctx"], m, (model_key, m, *spec[1:]), kw["baseline_src"] if "mona_before" in m else None)
         for m in methods
     }
     try:
         for w in workers.values():
             w.ready()
-        train = [m for m in methods if m.split("+")[0] in TRAIN_METHODS]
-        infer = [m for m in methods if m.split("+")[0] in INFERENCE_METHODS]
+        kinds = {
+            "train": [m for m in methods if m.split("+")[0] in TRAIN_METHODS],
+            "inference": [m for m in methods if m.split("+")[0] in INFERENCE_METHODS],
+        }
         # Warm-up (lazy initialisation, optimizer state, oneDNN primitives), each step from a trimmed heap: its peak
         # tells how much memory the worker needs, which decides below whether timed steps can run on warm heaps.
         needs: dict[str, dict[str, float]] = {}
         resident: dict[str, float] = {}
         for m in methods:
             for kind in ("inference", "train"):  # train last: its heap is the larger one to keep warm
-                if m in (train if kind == "train" else infer):
+                if m in kinds[kind]:
                     got = workers[m].measure(kind, batches[0], trim=True, keep_warm=True)
                     need = needs.setdefault(m, {"base": got["rss_before_mib"], "peak": 0.0, "batch": batches[0]})
                     need["base"] = min(need["base"], got["rss_before_mib"])
                     need["peak"] = max(need["peak"], got["peak_mib"])
             # keep the heap warm, unless memory is getting short
-            resident[m] = workers[m].release() if _memory_short() else needs[m]["peak"]
+            available, total = memory.available_mib(), total_memory_gib()
+            short = available is not None and total is not None and available < 0.3 * total * 1024
+            resident[m] = workers[m].release() if short else needs[m]["peak"]
         print(f"  {model_key}: workers ready and warm after {time.perf_counter() - started:.0f} s", flush=True)
         records, configs = [], []
         for batch, n_rounds in zip(batches, rounds, strict=True):
             config_start, load_before = time.perf_counter(), load_average()
-
-            def active(m: str, batch: int = batch) -> bool:
-                return not (m.startswith("mona_ref") and ref_max_batch is not None and batch > ref_max_batch)
-
+            ref_off = args.ref_max_batch and batch > args.ref_max_batch
+            active = [m for m in methods if not (ref_off and m.startswith("mona_ref"))]
             # Steady heaps when every worker can keep its peak at this batch size at once, trimmed heaps otherwise.
             estimate = sum(
-                n["peak"] + (n["peak"] - n["base"]) * (batch / n["batch"] - 1) for m, n in needs.items() if active(m)
+                n["peak"] + (n["peak"] - n["base"]) * (batch / n["batch"] - 1) for m, n in needs.items() if m in active
             )
             available = memory.available_mib()
             total = (available or 0.0) + sum(resident.values())
-            steady = not device.startswith("cuda") and available is not None and estimate < 0.8 * total
+            steady = not args.device.startswith("cuda") and available is not None and estimate < 0.8 * total
             if not steady:
                 resident = {m: workers[m].release() for m in methods}
             elif batch != batches[0]:
-                for m in methods:  # let each heap grow to this batch size before timing (untimed)
-                    for kind, names in (("train", train), ("inference", infer)):
-                        if m in names and active(m):
+                for m in active:  # let each heap grow to this batch size before timing (untimed)
+                    for kind in ("train", "inference"):
+                        if m in kinds[kind]:
                             workers[m].measure(kind, batch, trim=False)
             heap = "steady" if steady else "trimmed"
             print(
@@ -521,8 +394,8 @@ def run_model(
                 flush=True,
             )
             for r in range(n_rounds):
-                for kind, names in (("train", train), ("inference", infer)):
-                    order = [m for m in names if active(m)]
+                for kind in ("train", "inference"):
+                    order = [m for m in kinds[kind] if m in active]
                     rng.shuffle(order)
                     for m in order:
                         result = workers[m].measure(kind, batch, trim=not steady)
@@ -548,7 +421,7 @@ def run_model(
                     "load_average_before": load_before,
                     "load_average_after": load_average(),
                     "seconds": round(time.perf_counter() - config_start, 1),
-                    "workers": {m: w.info for m, w in workers.items() if active(m)},
+                    "workers": {m: workers[m].info for m in active},
                 }
             )
         return records, configs
@@ -557,40 +430,20 @@ def run_model(
             w.stop()
 
 
-def _memory_short(fraction: float = 0.3) -> bool:
-    """Whether less than ``fraction`` of the machine's memory is still available."""
-    available = memory.available_mib()
-    from benchmarks.common import _total_memory_gib
-
-    total = _total_memory_gib()
-    return available is not None and total is not None and available < fraction * total * 1024
-
-
 def summarize_config(config: dict, records: list[dict]) -> dict:
     """Medians and spreads per method, and the paired ratios, for one (model, batch)."""
     mine = [r for r in records if r["model"] == config["model"] and r["batch"] == config["batch"]]
     out = dict(config)
     for kind in ("train", "inference"):
         rows = [r for r in mine if r["kind"] == kind]
-        out[kind] = {
-            m: {key: describe([r[key] for r in rows if r["method"] == m]) for key in STAT_KEYS}
-            for m in dict.fromkeys(r["method"] for r in rows)
-        }
-        for key, name in (("seconds", f"{kind}_time_ratios"), ("cpu_seconds", f"{kind}_cpu_ratios")):
-            out[name] = {
-                f"{num}/{den}": found
-                for num, den in TIME_PAIRS[kind]
-                if (found := paired_ratios(rows, num, den, key)) is not None
-            }
+        out[kind] = {m: {key: per_method(rows, key)[m] for key in STAT_KEYS} for m in per_method(rows, "seconds")}
+        out[f"{kind}_time_ratios"] = ratios(rows, TIME_PAIRS[kind], "seconds")
+        out[f"{kind}_cpu_ratios"] = ratios(rows, TIME_PAIRS[kind], "cpu_seconds")
     train_rows = [r for r in mine if r["kind"] == "train"]
-    out["train_step_memory_ratios"] = {}  # with steady heaps the increment is ~0 by construction
-    keys = (("peak_mib", "train_peak_ratios"), ("step_mib", "train_step_memory_ratios"))
-    for key, name in keys if config.get("heap", "trimmed") == "trimmed" else keys[:1]:
-        out[name] = {
-            f"{num}/{den}": found
-            for num, den in MEMORY_PAIRS
-            if (found := paired_ratios(train_rows, num, den, key)) is not None
-        }
+    # with steady heaps the step increment is ~0 by construction: no ratios of it
+    trimmed = config.get("heap", "trimmed") == "trimmed"
+    out["train_step_memory_ratios"] = ratios(train_rows, MEMORY_PAIRS, "step_mib") if trimmed else {}
+    out["train_peak_ratios"] = ratios(train_rows, MEMORY_PAIRS, "peak_mib")
     return out
 
 
@@ -618,8 +471,7 @@ def filter_benchmark(batch: int, bottleneck: int, grid: int, rounds: int, inner:
             fn(image, weights, biases)
 
     def forward_backward(fn: Any) -> None:
-        x = image.detach().requires_grad_(True)
-        fn(x, weights, biases).backward(grad)
+        fn(image.detach().requires_grad_(True), weights, biases).backward(grad)
         for w in (*weights, *biases):
             w.grad = None
 
@@ -628,31 +480,14 @@ def filter_benchmark(batch: int, bottleneck: int, grid: int, rounds: int, inner:
         "input_layout": "channels-last view of the token tensor, as in MonaAdapter.forward",
         "rounds": rounds,
         "calls_per_measurement": inner,
-        "measurement": "median of the calls' wall times",
+        "measurement": "mean wall time of the calls (torch.utils.benchmark.Timer)",
     }
     rng = random.Random(seed)
     for mode, run in (("forward", forward), ("forward_backward", forward_backward)):
-        for fn in variants.values():  # warm-up
-            run(fn)
-        records = []
-        for r in range(rounds):
-            order = list(variants)
-            rng.shuffle(order)
-            for name in order:
-                records.append(
-                    {
-                        "round": r,
-                        "method": name,
-                        "ms": median_ms(lambda name=name, run=run: run(variants[name]), inner),
-                    }
-                )
-        results[mode] = {
-            "ms": {name: describe([x["ms"] for x in records if x["method"] == name]) for name in variants},
-            "ratios": {
-                "reference/merged": paired_ratios(records, "reference", "merged", "ms"),
-                "merged_twin/merged": paired_ratios(records, "merged_twin", "merged", "ms"),
-            },
-        }
+        calls = {name: (lambda fn=fn, run=run: run(fn)) for name, fn in variants.items()}
+        records = interleave(calls, rounds, inner, rng)
+        pairs = ["reference/merged", "merged_twin/merged"]
+        results[mode] = {"ms": per_method(records), "ratios": ratios(records, pairs, "ms")}
     return results
 
 
@@ -678,28 +513,11 @@ def run_filter(ctx: Any, threads: int, **kwargs: Any) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- the baseline's code
 
 
-def _git(*args: str) -> str:
-    done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"git {' '.join(args)} failed: {done.stderr.strip()}")
-    return done.stdout.strip()
-
-
-def _describe_head() -> str | None:
-    """The checkout's commit, and whether ``src/`` differs from it (the code the ``mona`` methods run)."""
-    try:
-        head = _git("rev-parse", "--short", "HEAD")
-        dirty = _git("status", "--porcelain", "src")
-    except (OSError, RuntimeError):
-        return None
-    return head + (" + uncommitted changes in src/" if dirty else "")
-
-
 def extract_baseline(rev: str, into: Path) -> dict[str, Any]:
     """Write ``src/`` as it was at git revision ``rev`` under ``into`` (``git archive``, nothing else in the checkout
     changes) and describe it; the package is then importable from ``into / "src"``."""
-    commit = _git("rev-parse", "--verify", f"{rev}^{{commit}}")
-    subject, date = _git("log", "-1", "--format=%s%n%cI", commit).split("\n", 1)
+    commit = git("rev-parse", "--verify", f"{rev}^{{commit}}")
+    subject, date = git("log", "-1", "--format=%s%n%cI", commit).split("\n", 1)
     archive = subprocess.run(["git", "archive", "--format=tar", commit, "src"], cwd=REPO, capture_output=True)
     if archive.returncode != 0:
         raise RuntimeError(f"git archive {commit} src failed: {archive.stderr.decode(errors='replace').strip()}")
@@ -731,160 +549,73 @@ def package_digest(package: Path) -> str:
 # ------------------------------------------------------------------------------------------------------- targets
 
 
-def _target(
-    name: str,
-    scope: str,
-    ratio: dict | None,
-    threshold: float,
-    noise: dict | None,
-    kind: str,
-    cpu_ratio: dict | None = None,
-) -> dict:
+def _target(name: str, scope: str, ratio: dict | None, threshold: float, noise: dict | None, kind: str = "max",
+            cpu: dict | None = None) -> dict:  # fmt: skip
     """One target check: the median ratio against its threshold; ``within_noise`` when the A/A spread covers the gap.
 
-    ``cpu_ratio`` (the same comparison on process CPU time) is stored alongside as the less contention-sensitive view.
+    ``cpu`` (the same comparison on process CPU time) is stored alongside as the less contention-sensitive view.
     """
     if ratio is None:
         return {"target": name, "scope": scope, "status": "not measured"}
     median = ratio["median"]
     met = median <= threshold if kind == "max" else median >= threshold
-    entry = {
-        "target": name,
-        "scope": scope,
-        "threshold": threshold,
-        "kind": kind,
-        "median": median,
-        "min": ratio["min"],
-        "max": ratio["max"],
-        "n": ratio["n"],
-        "status": "met" if met else "missed",
-    }
+    entry = {"target": name, "scope": scope, "threshold": threshold, "kind": kind, "median": median}
+    entry |= {"min": ratio["min"], "max": ratio["max"], "n": ratio["n"], "status": "met" if met else "missed"}
     if noise is not None:
-        floor = max(abs(noise["median"] - 1), (noise["max"] - noise["min"]) / 2)
-        entry["aa_noise"] = floor
+        entry["aa_noise"] = floor = max(abs(noise["median"] - 1), (noise["max"] - noise["min"]) / 2)
         entry["within_noise"] = abs(median - threshold) <= floor
-    if cpu_ratio is not None:
-        entry["cpu_median"] = cpu_ratio["median"]
-        entry["cpu_min"], entry["cpu_max"] = cpu_ratio["min"], cpu_ratio["max"]
+    if cpu is not None:
+        entry |= {"cpu_median": cpu["median"], "cpu_min": cpu["min"], "cpu_max": cpu["max"]}
     return entry
 
 
-def evaluate_targets(
-    summaries: list[dict], filter_result: dict | None, target_model: str, before: str = "before"
-) -> list[dict]:
+def evaluate_targets(summaries: list[dict], filter_result: dict | None, target_model: str, before: str = "before"
+                     ) -> list[dict]:  # fmt: skip
     """The issue's targets, checked on the medians of the paired ratios: Mona's (and, with a baseline revision, the
     baseline's, labelled ``Mona <before>``) against LoRA, full fine-tuning and the frozen model on ``target_model``;
     no regression of Mona against the baseline on every model and batch; merged filter against three convs."""
     targets = []
     for s in summaries:
         scope = f"{s['model_name']}, batch {s['batch']}"
-        tr, ir, mem = s["train_time_ratios"], s["inference_time_ratios"], s["train_peak_ratios"]
-        tc, ic = s["train_cpu_ratios"], s["inference_cpu_ratios"]
-        aa_train, aa_inf, aa_mem = tr.get("mona_twin/mona"), ir.get("mona_twin/mona"), mem.get("mona_twin/mona")
-        for mona in ("mona", "mona_before"):
-            if s["model"] != target_model or f"{mona}/lora" not in tr:
+        measured = {"train": s["train_time_ratios"], "inference": s["inference_time_ratios"]}
+        measured["memory"] = s["train_peak_ratios"]
+        cpu = {"train": s["train_cpu_ratios"], "inference": s["inference_cpu_ratios"], "memory": None}
+        groups = []  # (the ratio whose presence turns the group on, its checks: name, metric, ratio, threshold)
+        for mona, label in (("mona", "Mona"), ("mona_before", f"Mona {before}")):
+            if s["model"] == target_model:
+                groups.append(((("train", f"{mona}/lora")), [
+                    (f"{label} train step <= 1.05 x LoRA", "train", f"{mona}/lora", 1.05),
+                    (f"{label} train step <= 0.85 x full FT", "train", f"{mona}/full", 0.85),
+                    (f"{label} peak train memory <= 1.10 x LoRA", "memory", f"{mona}/lora", 1.10),
+                    (f"{label} inference <= 1.04 x frozen", "inference", f"{mona}/frozen", 1.04),
+                ]))  # fmt: skip
+        regression = f"no regression: Mona / Mona {before}"
+        groups += [
+            (("train", "mona/mona_before"), [
+                (f"{regression}, train step <= 1.00", "train", "mona/mona_before", 1.0),
+                (f"{regression}, peak train memory <= 1.00", "memory", "mona/mona_before", 1.0),
+            ]),
+            (("inference", "mona/mona_before"), [
+                (f"{regression}, inference <= 1.00", "inference", "mona/mona_before", 1.0),
+            ]),
+            (("train", "mona/mona_ref"), [
+                ("merged <= three-conv (train step)", "train", "mona/mona_ref", 1.0),
+                ("merged <= three-conv (inference)", "inference", "mona/mona_ref", 1.0),
+            ]),
+        ]  # fmt: skip
+        for (metric, pair), checks in groups:
+            if pair not in measured[metric]:
                 continue
-            label = "Mona" if mona == "mona" else f"Mona {before}"
-            targets += [
-                _target(
-                    f"{label} train step <= 1.05 x LoRA",
-                    scope,
-                    tr.get(f"{mona}/lora"),
-                    1.05,
-                    aa_train,
-                    "max",
-                    tc.get(f"{mona}/lora"),
-                ),
-                _target(
-                    f"{label} train step <= 0.85 x full FT",
-                    scope,
-                    tr.get(f"{mona}/full"),
-                    0.85,
-                    aa_train,
-                    "max",
-                    tc.get(f"{mona}/full"),
-                ),
-                _target(
-                    f"{label} peak train memory <= 1.10 x LoRA", scope, mem.get(f"{mona}/lora"), 1.10, aa_mem, "max"
-                ),
-                _target(
-                    f"{label} inference <= 1.04 x frozen",
-                    scope,
-                    ir.get(f"{mona}/frozen"),
-                    1.04,
-                    aa_inf,
-                    "max",
-                    ic.get(f"{mona}/frozen"),
-                ),
-            ]
-        if "mona/mona_before" in tr:
-            targets += [
-                _target(
-                    f"no regression: Mona / Mona {before}, train step <= 1.00",
-                    scope,
-                    tr.get("mona/mona_before"),
-                    1.0,
-                    aa_train,
-                    "max",
-                    tc.get("mona/mona_before"),
-                ),
-                _target(
-                    f"no regression: Mona / Mona {before}, peak train memory <= 1.00",
-                    scope,
-                    mem.get("mona/mona_before"),
-                    1.0,
-                    aa_mem,
-                    "max",
-                ),
-            ]
-        if "mona/mona_before" in ir:
-            targets.append(
-                _target(
-                    f"no regression: Mona / Mona {before}, inference <= 1.00",
-                    scope,
-                    ir.get("mona/mona_before"),
-                    1.0,
-                    aa_inf,
-                    "max",
-                    ic.get("mona/mona_before"),
-                )
-            )
-        if "mona/mona_ref" in tr:
-            targets += [
-                _target(
-                    "merged <= three-conv (train step)",
-                    scope,
-                    tr.get("mona/mona_ref"),
-                    1.0,
-                    aa_train,
-                    "max",
-                    tc.get("mona/mona_ref"),
-                ),
-                _target(
-                    "merged <= three-conv (inference)",
-                    scope,
-                    ir.get("mona/mona_ref"),
-                    1.0,
-                    aa_inf,
-                    "max",
-                    ic.get("mona/mona_ref"),
-                ),
-            ]
+            for name, metric, pair, threshold in checks:
+                got, aa = measured[metric].get(pair), measured[metric].get("mona_twin/mona")
+                targets.append(_target(name, scope, got, threshold, aa, "max", (cpu[metric] or {}).get(pair)))
     if filter_result is not None:
         shape = filter_result["shape"]
         scope = f"filter alone, [{shape['batch']}, {shape['bottleneck']}, {shape['height']}, {shape['width']}]"
         for mode in ("forward", "forward_backward"):
-            ratios = filter_result[mode]["ratios"]
-            targets.append(
-                _target(
-                    f"merged filter >= 1.3 x faster ({mode.replace('_', ' + ')})",
-                    scope,
-                    ratios["reference/merged"],
-                    1.3,
-                    ratios["merged_twin/merged"],
-                    "min",
-                )
-            )
+            found = filter_result[mode]["ratios"]
+            name = f"merged filter >= 1.3 x faster ({mode.replace('_', ' + ')})"
+            targets.append(_target(name, scope, found["reference/merged"], 1.3, found["merged_twin/merged"], "min"))
     return targets
 
 
@@ -901,16 +632,15 @@ def _names(text: str) -> list[str]:
 
 def main(argv: Iterable[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny models, batch 2, two rounds, 1 thread (smoke test)")
-    parser.add_argument("--models", type=_names, default=None, help="comma-separated, default vit-b,swin-t")
-    parser.add_argument("--methods", type=_names, default=list(DEFAULT_METHODS), help="comma-separated methods")
-    parser.add_argument("--batches", type=_ints, default=None, help="comma-separated batch sizes, default 8,32")
-    parser.add_argument("--rounds", type=_ints, default=None, help="rounds per batch size, default 8,2")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: bf16 autocast + torch.compile")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads per worker (default: all cores; 1 with --quick)"
-    )
-    parser.add_argument(
+    add = parser.add_argument
+    add("--quick", action="store_true", help="tiny models, batch 2, two rounds, 1 thread (smoke test)")
+    add("--models", type=_names, default=None, help="comma-separated, default vit-b,swin-t")
+    add("--methods", type=_names, default=list(DEFAULT_METHODS), help="comma-separated methods")
+    add("--batches", type=_ints, default=None, help="comma-separated batch sizes, default 8,32")
+    add("--rounds", type=_ints, default=None, help="rounds per batch size, default 8,2")
+    add("--device", default="cpu", help="cpu (default) or cuda: bf16 autocast + torch.compile")
+    add("--threads", type=int, default=None, help="torch threads per worker (default: all cores; 1 with --quick)")
+    add(
         "--start-method",
         choices=("fork", "spawn"),
         default=None,
@@ -919,24 +649,24 @@ def main(argv: Iterable[str] | None = None) -> dict[str, Any]:
         "(default with --baseline-rev, and on CUDA): every worker a fresh interpreter, as mona_before's must be, so "
         "that all start from the same memory",
     )
-    parser.add_argument(
+    add(
         "--baseline-rev",
         default=None,
         metavar="REV",
         help="also measure method mona_before: Mona as the package was at this git revision (e.g. d706065, the "
         "commit before the Mona layer v2 rewrite), in the same interleaved rounds",
     )
-    parser.add_argument(
+    add(
         "--ref-max-batch",
         type=int,
         default=8,
         help="run mona_ref only at batch sizes up to this (default 8; the filter alone is timed at batch 32 anyway); "
         "0 = every batch size",
     )
-    parser.add_argument("--skip-filter", action="store_true", help="do not time the filter on its own")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--name", default=None, help="results file name (default speed, or speed_quick)")
-    parser.add_argument("--results-dir", type=Path, default=None)
+    add("--skip-filter", action="store_true", help="do not time the filter on its own")
+    add("--seed", type=int, default=0)
+    add("--name", default=None, help="results file name (default speed, or speed_quick)")
+    add("--results-dir", type=Path, default=None)
     args = parser.parse_args(list(argv) if argv is not None else None)
 
     models = args.models or (["tiny-vit", "tiny-swin"] if args.quick else ["vit-b", "swin-t"])
@@ -951,71 +681,56 @@ def main(argv: Iterable[str] | None = None) -> dict[str, Any]:
     if "mona_before" in methods and not args.baseline_rev:
         parser.error("method mona_before needs --baseline-rev")
     cuda = args.device.startswith("cuda")
-    if cuda:
-        if not torch.cuda.is_available():
-            parser.error("--device cuda but CUDA is not available")
-        if hasattr(torch, "compile"):
-            methods += [f"{m}+compile" for m in methods if m != "mona_twin"]
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+    if cuda and hasattr(torch, "compile"):
+        methods += [f"{m}+compile" for m in methods if m != "mona_twin"]
     threads = args.threads or (1 if args.quick else torch.get_num_threads())
     # fork shares the imports (workers start in a second); CUDA cannot be forked, so it spawns. With a baseline,
     # whose worker must be a fresh interpreter, every worker is one, so that none starts with a different heap.
     fork = not cuda and sys.platform == "linux" and not args.baseline_rev
     ctx = mp.get_context(args.start_method or ("fork" if fork else "spawn"))
-
     with tempfile.TemporaryDirectory(prefix="mona_baseline_") as scratch:
         baseline = extract_baseline(args.baseline_rev, Path(scratch)) if args.baseline_rev else None
-        return _run(args, models, batches, rounds, methods, threads, ctx, cuda, baseline, Path(scratch) / "src")
+        src = str(Path(scratch) / "src") if baseline else None
+        return _run(args, models, batches, rounds, methods, threads=threads, ctx=ctx, baseline=baseline, src=src)
 
 
-def _run(
-    args: argparse.Namespace,
-    models: list[str],
-    batches: list[int],
-    rounds: list[int],
-    methods: list[str],
-    threads: int,
-    ctx: Any,
-    cuda: bool,
-    baseline: dict[str, Any] | None,
-    baseline_src: Path,
-) -> dict[str, Any]:
+def _run(args: argparse.Namespace, models: list[str], batches: list[int], rounds: list[int], methods: list[str],
+         threads: int, ctx: Any, baseline: dict[str, Any] | None, src: str | None) -> dict[str, Any]:  # fmt: skip
     started = time.perf_counter()
-    labels = {m: METHOD_LABELS[m.split("+")[0]] + (" + compile" if "+" in m else "") for m in methods}
+    cuda = args.device.startswith("cuda")
     before = f"before ({baseline['short']})" if baseline else "before"
-    for m in methods:
-        if m.split("+")[0] == "mona_before":
-            labels[m] = labels[m].replace("before (baseline revision)", before)
-    payload: dict[str, Any] = {
-        "benchmark": "speed",
-        "quick": args.quick,
-        "machine": {**machine_info(args.device), "torch_threads": threads},
-        "settings": {
-            "models": models,
-            "methods": methods,
-            "method_labels": labels,
-            "batches": batches,
-            "rounds": rounds,
-            "threads_per_worker": threads,
-            "start_method": ctx.get_start_method(),
-            "precision": "bf16 autocast" if cuda else "float32",
-            "num_labels": NUM_LABELS,
-            "optimizer": "torch.optim.AdamW(lr=1e-4), defaults otherwise",
-            "memory_method": "torch.cuda.max_memory_allocated per step" if cuda else memory.method_description(),
-            "seed": args.seed,
-            "ref_max_batch": args.ref_max_batch or None,
-            "mixed_batch": {
-                "adapters": list(MIXED_ADAPTERS),
-                "how": "inference on a model with two Mona adapters: mona_single = the batch on the first "
-                "(set_adapter), mona_mixed = model(pixel_values, adapter_names=[first half, second half])",
-            },
-            "current_code": {
-                "git": _describe_head(),
-                "mona_peft_file": mona_peft.__file__,
-                "mona_peft_sha256": package_digest(Path(mona_peft.__file__).parent),
-            },
-            "baseline": baseline,
+    labels = {m: METHOD_LABELS[m.split("+")[0]] + (" + compile" if "+" in m else "") for m in methods}
+    labels = {m: label.replace("before (baseline revision)", before) for m, label in labels.items()}
+    settings = {
+        "models": models,
+        "methods": methods,
+        "method_labels": labels,
+        "batches": batches,
+        "rounds": rounds,
+        "threads_per_worker": threads,
+        "start_method": ctx.get_start_method(),
+        "precision": "bf16 autocast" if cuda else "float32",
+        "num_labels": NUM_LABELS,
+        "optimizer": "torch.optim.AdamW(lr=1e-4), defaults otherwise",
+        "memory_method": "torch.cuda.max_memory_allocated per step" if cuda else memory.method_description(),
+        "seed": args.seed,
+        "ref_max_batch": args.ref_max_batch or None,
+        "mixed_batch": {
+            "adapters": list(MIXED_ADAPTERS),
+            "how": "inference on a model with two Mona adapters: mona_single = the batch on the first "
+            "(set_adapter), mona_mixed = model(pixel_values, adapter_names=[first half, second half])",
         },
+        "current_code": {
+            "git": git_revision(" + uncommitted changes in src/"),
+            "mona_peft_file": mona_peft.__file__,
+            "mona_peft_sha256": package_digest(Path(mona_peft.__file__).parent),
+        },
+        "baseline": baseline,
     }
+    machine = {**machine_info(args.device), "torch_threads": threads}
+    payload: dict[str, Any] = {"benchmark": "speed", "quick": args.quick, "machine": machine, "settings": settings}
     print(f"speed benchmark: {models} x batches {batches} x rounds {rounds}, methods {methods}", flush=True)
     load = load_average()
     if not cuda and threads > 1 and load and load[0] > (os.cpu_count() or 1):
@@ -1027,41 +742,22 @@ def _run(
     records: list[dict] = []
     configs: list[dict] = []
     for key in models:
-        got, conf = run_model(
-            key,
-            methods,
-            batches,
-            rounds,
-            args.device,
-            threads,
-            args.seed,
-            ctx,
-            args.ref_max_batch or None,
-            str(baseline_src) if baseline else None,
-        )
+        got, conf = run_model(key, methods, batches, rounds, args, threads=threads, ctx=ctx, baseline_src=src)
         records += got
         configs += conf
     summaries = [summarize_config(c, records) for c in configs]
     filter_result = None
     if not args.skip_filter:
-        shape = (
-            dict(batch=4, bottleneck=8, grid=4, rounds=3, inner=3)
-            if args.quick
-            else dict(batch=32, bottleneck=64, grid=14, rounds=15, inner=10)
-        )
+        quick = dict(batch=4, bottleneck=8, grid=4, rounds=3, inner=3)
+        shape = quick if args.quick else dict(batch=32, bottleneck=64, grid=14, rounds=15, inner=10)
         filter_result = run_filter(ctx, threads, seed=args.seed, **shape)
-    payload.update(
-        {
-            "configs": summaries,
-            "filter": filter_result,
-            "targets": evaluate_targets(summaries, filter_result, "tiny-vit" if args.quick else "vit-b", before),
-            "records": records,
-            "load_average_at_end": load_average(),
-            "seconds": round(time.perf_counter() - started, 1),
-        }
-    )
-    name = args.name or ("speed_quick" if args.quick else "speed")
-    path = write_results(name, payload, args.results_dir)
+    payload["configs"] = summaries
+    payload["filter"] = filter_result
+    payload["targets"] = evaluate_targets(summaries, filter_result, "tiny-vit" if args.quick else "vit-b", before)
+    payload["records"] = records
+    payload["load_average_at_end"] = load_average()
+    payload["seconds"] = round(time.perf_counter() - started, 1)
+    path = write_results(args.name or ("speed_quick" if args.quick else "speed"), payload, args.results_dir)
     for t in payload["targets"]:
         if "median" in t:
             spread = f"{t['min']:.3f}-{t['max']:.3f}"
