@@ -370,12 +370,6 @@ def _sweep_state(
     return [r for r in mine if r["learning_rate"] in rates], None
 
 
-def sweep_runs(runs: Sequence[dict[str, Any]], protocol: Protocol, dataset: str, method: str) -> list[dict[str, Any]]:
-    """The sweep runs of ``method`` on ``dataset`` that ``protocol`` asks for: its grid, then each extension
-    (:func:`next_rate`) that has been run. Sweep runs at other rates (from a resumed file) are left out."""
-    return _sweep_state(runs, protocol, dataset, method)[0]
-
-
 def spread(values: Sequence[float]) -> dict[str, Any]:
     """n, mean, sample standard deviation (ddof 1; 0 for one value), min and max."""
     values = [float(v) for v in values]
@@ -400,22 +394,19 @@ def mean_curve(curves: Sequence[Sequence[float]]) -> list[float]:
 def summarize(runs: Sequence[dict[str, Any]], protocol: Protocol, dataset: str, methods: Sequence[str]) -> dict:
     """Per method: the chosen learning rate (and whether it is at the edge of the grid), test and validation accuracy
     over the seeds, trainable parameters, time, mean loss curve; and the bottleneck ablation."""
-    mine = [r for r in runs if r["dataset"] == dataset]
     summary: dict[str, Any] = {"methods": {}, "ablation": {}}
+
+    def done(method: str, lr: float, bottleneck: int) -> list[dict[str, Any]]:
+        keys = {"dataset": dataset, "method": method, "learning_rate": lr, "bottleneck": bottleneck}
+        return [r for r in runs if all(r[k] == v for k, v in keys.items()) and r["seed"] in protocol.seeds]
+
     for method in methods:
-        sweep = sweep_runs(runs, protocol, dataset, method)
+        sweep = _sweep_state(runs, protocol, dataset, method)[0]
         if not sweep:
             continue
         grid = sorted(r["learning_rate"] for r in sweep)
         chosen = choose_learning_rate(sweep)
-        final = [
-            r
-            for r in mine
-            if r["method"] == method
-            and r["learning_rate"] == chosen
-            and r["bottleneck"] == protocol.bottleneck
-            and r["seed"] in protocol.seeds
-        ]
+        final = done(method, chosen, protocol.bottleneck)
         summary["methods"][method] = {
             "label": METHODS[method]["label"],
             "learning_rate": chosen,
@@ -432,19 +423,11 @@ def summarize(runs: Sequence[dict[str, Any]], protocol: Protocol, dataset: str, 
     if "mona" in summary["methods"]:
         lr = summary["methods"]["mona"]["learning_rate"]
         for m in protocol.ablation_bottlenecks:
-            done = [
-                r
-                for r in mine
-                if r["method"] == "mona"
-                and r["learning_rate"] == lr
-                and r["bottleneck"] == m
-                and r["seed"] in protocol.seeds
-            ]
-            if done:
+            if ablation := done("mona", lr, m):
                 summary["ablation"][str(m)] = {
-                    "test_accuracy": spread([r["test_accuracy"] for r in done]),
-                    "validation_accuracy": spread([r["validation_accuracy"] for r in done]),
-                    "trainable_params": done[0]["trainable_params"],
+                    "test_accuracy": spread([r["test_accuracy"] for r in ablation]),
+                    "validation_accuracy": spread([r["validation_accuracy"] for r in ablation]),
+                    "trainable_params": ablation[0]["trainable_params"],
                     "learning_rate": lr,
                 }
     return summary
@@ -511,7 +494,7 @@ class Suite:
         return record
 
     def _chosen_rate(self, dataset: str, method: str) -> float:
-        return choose_learning_rate(sweep_runs(self.runs, self.protocol, dataset, method))
+        return choose_learning_rate(_sweep_state(self.runs, self.protocol, dataset, method)[0])
 
     def write(self, finished: bool = False) -> Path:
         payload = {

@@ -7,8 +7,11 @@ touching the speed and parameter sections.
 from __future__ import annotations
 
 import re
+import statistics
 from pathlib import Path
 from typing import Any
+
+from benchmarks.report import _figure_footer, _pyplot, _table, provenance
 
 METHOD_ORDER = ("linear", "full", "lora", "mona", "mona_official")
 LOSS_PLOT = "accuracy_loss_{dataset}.png"
@@ -80,8 +83,6 @@ def protocol_text(payload: dict[str, Any]) -> str:
 
 
 def method_table(payload: dict[str, Any], dataset: str) -> str:
-    from benchmarks.report import _table
-
     summary = payload["summary"][dataset]
     rows = []
     for m in _methods(summary):
@@ -89,17 +90,8 @@ def method_table(payload: dict[str, Any], dataset: str) -> str:
         edge = " †" if s.get("lr_at_grid_edge") else ""
         params = f"{s['trainable_params']:,}" if s.get("trainable_params") else "—"
         seconds = f"{s['train_seconds']:.0f}" if s.get("train_seconds") else "—"
-        rows.append(
-            [
-                s["label"],
-                params,
-                _lr(s["learning_rate"]) + edge,
-                _acc(s["test_accuracy"]),
-                _acc(s["validation_accuracy"]),
-                str(s["test_accuracy"]["n"]),
-                seconds,
-            ]
-        )
+        cells = [_lr(s["learning_rate"]) + edge, _acc(s["test_accuracy"]), _acc(s["validation_accuracy"])]
+        rows.append([s["label"], params, *cells, str(s["test_accuracy"]["n"]), seconds])
     header = [
         "method",
         "trainable params",
@@ -136,26 +128,18 @@ def reading(payload: dict[str, Any], dataset: str) -> str:
             )
     edge = [done[m]["label"] for m in done if done[m].get("lr_at_grid_edge")]
     if edge:
+        edge_text = ", ".join(edge)
         lines.append(
-            "† chosen learning rate at the edge of the swept grid (the best rate may lie outside it): "
-            + ", ".join(edge)
-            + "."
+            f"† chosen learning rate at the edge of the swept grid (the best rate may lie outside it): {edge_text}."
         )
     return "\n".join(f"- {line}" for line in lines)
 
 
 def ablation_table(payload: dict[str, Any], dataset: str) -> str:
-    from benchmarks.report import _table
-
     ablation = payload["summary"][dataset].get("ablation") or {}
     rows = [
-        [
-            str(m),
-            f"{a['trainable_params']:,}",
-            _lr(a["learning_rate"]),
-            _acc(a["test_accuracy"]),
-            _acc(a["validation_accuracy"]),
-        ]
+        [str(m), f"{a['trainable_params']:,}", _lr(a["learning_rate"])]
+        + [_acc(a["test_accuracy"]), _acc(a["validation_accuracy"])]
         for m, a in sorted(ablation.items(), key=lambda kv: int(kv[0]))
     ]
     return _table(["bottleneck m", "trainable params", "LR", "test accuracy", "validation accuracy"], rows)
@@ -163,8 +147,6 @@ def ablation_table(payload: dict[str, Any], dataset: str) -> str:
 
 def sweep_table(payload: dict[str, Any], dataset: str) -> str:
     """Validation (and test) accuracy at every swept learning rate; the chosen one in bold."""
-    from benchmarks.report import _table
-
     summary = payload["summary"][dataset]
     rows = []
     for m in _methods(summary):
@@ -187,8 +169,6 @@ def sweep_table(payload: dict[str, Any], dataset: str) -> str:
 
 def plot_losses(payload: dict[str, Any], dataset: str, path: Path) -> bool:
     """Training loss per step of every method (mean over seeds; thin: raw, thick: moving average)."""
-    from benchmarks.report import _figure_footer, _pyplot
-
     summary = payload["summary"][dataset]
     curves = {m: summary["methods"][m]["loss_curve"] for m in _methods(summary) if summary["methods"][m]["loss_curve"]}
     if not curves:
@@ -199,10 +179,7 @@ def plot_losses(payload: dict[str, Any], dataset: str, path: Path) -> bool:
         color = f"C{i}"
         steps = list(range(1, len(curve) + 1))
         window = max(1, len(curve) // 10)
-        smooth = [
-            sum(curve[max(0, j - window + 1) : j + 1]) / len(curve[max(0, j - window + 1) : j + 1])
-            for j in range(len(curve))
-        ]
+        smooth = [statistics.fmean(curve[max(0, j - window + 1) : j + 1]) for j in range(len(curve))]
         s = summary["methods"][m]
         ax.plot(steps, curve, color=color, alpha=0.25, linewidth=0.8)
         ax.plot(steps, smooth, color=color, linewidth=2, label=f"{s['label']} (LR {_lr(s['learning_rate'])})")
@@ -224,8 +201,6 @@ def plot_losses(payload: dict[str, Any], dataset: str, path: Path) -> bool:
 
 def accuracy_section(payload: dict[str, Any], docs: Path) -> str:
     """The markdown of section 3, writing its plots into ``docs``."""
-    from benchmarks.report import provenance
-
     title = "## 3. Accuracy" + (" (full-size protocol)" if payload["protocol"]["name"] == "full" else "")
     lines = [title, "", protocol_text(payload), "", provenance(payload), ""]
     for dataset, info in payload["datasets"].items():
