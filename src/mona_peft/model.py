@@ -28,7 +28,7 @@ from .families import (
     tower_layout_for,
 )
 from .grid import GridTracker
-from .heads import task_head_modules
+from .heads import share_saved_modules, task_head_modules
 from .layer import MERGE_ERROR, POSITION_CONTAINERS, MonaLayer
 
 
@@ -132,7 +132,20 @@ class MonaModel(BaseTuner):
             self._mona_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         with keep_offloaded_heads(model):
             super().inject_adapter(model, adapter_name, *args, **kwargs)
+        # A head reached from several paths (detectors' per-level heads, see heads.py): all of them use the copy.
+        self.__dict__.setdefault("_mona_shared_heads", []).extend(share_saved_modules(model))
         self._hook_grid_sources()
+
+    def _get_module_names_tied_with_embedding(self) -> list[str]:
+        # PEFT asks which modules are tied to the token embeddings whenever a model declares tied weights. Detectors
+        # (Deformable DETR, Grounding DINO) tie their per-level box heads among themselves and have no
+        # `get_input_embeddings`, which makes PEFT's question raise NotImplementedError: nothing can be tied to token
+        # embeddings that do not exist.
+        try:
+            self.model.get_input_embeddings()
+        except (NotImplementedError, AttributeError):
+            return []
+        return super()._get_module_names_tied_with_embedding()
 
     def _check_targets(self, peft_config: MonaConfig) -> list[str]:
         """Names of the blocks to adapt; fails before touching the model if a target is not a supported block or
@@ -340,7 +353,12 @@ class MonaModel(BaseTuner):
         if merge:
             raise ValueError(MERGE_ERROR)
         # PEFT's loop restores every tuner layer (via MonaLayer.unload_and_optionally_merge_module) and the
-        # modules_to_save wrappers; what is left is the model-wide patch-grid hooks.
+        # modules_to_save wrappers, each at one path; the other paths of shared heads and the model-wide patch-grid
+        # hooks are restored here.
+        for parent, name, _ in self.__dict__.pop("_mona_shared_heads", []):
+            wrapper = getattr(parent, name)
+            if isinstance(wrapper, AuxiliaryTrainingWrapper):  # the module PEFT puts at the wrapper's own path
+                setattr(parent, name, wrapper.unload_and_optionally_merge_module(False, False, None))
         model = super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
         for handle in self.__dict__.pop("_mona_grid_hooks", []):
             handle.remove()
