@@ -5,7 +5,7 @@ storage (``to_empty``: allocated, never written, so it costs address space rathe
 added, since Mona refuses blocks whose weights are on ``meta`` with nothing to load them. The adapter file size is the
 size of ``adapter_model.safetensors`` written by a real ``save_pretrained`` (fp32, adapter only, no task head).
 
-    python -m benchmarks.params            # all models and the vision towers (a few minutes)
+    python -m benchmarks.params            # all models, Deformable DETR on Swin-B/L and the vision towers (minutes)
     python -m benchmarks.params --quick    # Swin-T and Swin-L at bottleneck 64 only (smoke test)
 """
 
@@ -38,6 +38,8 @@ from benchmarks.common import (
 
 # Mona parameter counts of the official code at bottleneck 64, from its training logs (see docs/benchmarks.md).
 OFFICIAL_M64 = {"swin-t": 1_408_128, "swin-s": 2_867_328, "swin-b": 3_667_456, "swin-l": 5_267_712}
+# The paper's published benchmark tables: Mona's trainable parameters for the Swin-B detector on COCO (rounded).
+PAPER_COCO_SWIN_B = 4_200_000
 FULL_MODELS = ("swin-t", "swin-s", "swin-b", "swin-l", "vit-b", "vit-l", "dinov2-s", "dinov2-b")
 QUICK_MODELS = ("swin-t", "swin-l")
 BOTTLENECKS = (32, 64, 128)
@@ -158,6 +160,82 @@ def measure_upernet_swin_l(bottleneck: int = 64) -> dict[str, Any]:
         "official_mona_params_m64": OFFICIAL_M64["swin-l"],
         "matches_official": params == OFFICIAL_M64["swin-l"] if bottleneck == 64 else None,
     }
+
+
+def measure_detectors(bottleneck: int = 64) -> list[dict[str, Any]]:
+    """Deformable DETR (COCO: 91 labels, 4 feature levels from Swin stages 2-4) on a Swin-B and a Swin-L backbone: Mona
+    in the backbone only, the detector's own parts (MonaConfig's default ``modules_to_save``) beside it, and LoRA r=16
+    on the backbone's q/v."""
+    from peft import LoraConfig
+    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, SwinBackbone
+
+    rows = []
+    for key in ("swin-b", "swin-l"):
+        spec = MODELS[key]
+
+        def build(spec: ModelSpec = spec) -> nn.Module:
+            config = DeformableDetrConfig(
+                backbone_config=spec.config(out_features=["stage2", "stage3", "stage4"]),
+                backbone=None,
+                use_timm_backbone=False,
+                use_pretrained_backbone=False,
+                num_labels=91,
+                num_feature_levels=4,
+            )
+            with torch.device("meta"):
+                return DeformableDetrForObjectDetection(config)
+
+        probe = build()
+        backbone = count(probe.model.backbone.parameters())
+        detector = count(probe.parameters())
+        widths = block_widths(probe)
+        base = unwritten(probe)
+        base.tie_weights()  # to_empty gives each module its own storage: tie the per-level heads again (5.x)
+        model = get_peft_model(base, mona_config(bottleneck_dim=bottleneck, default_heads=True))
+        outside = [n for n, _ in model.named_parameters() if ".mona_" in n and ".backbone." not in n]
+        if outside:
+            raise AssertionError(f"Mona parameters outside the backbone: {outside[:3]}")
+        mona_params = adapter_params(model, ".mona_")
+        if mona_params != mona_formula(widths, bottleneck):
+            raise AssertionError(
+                f"{key}: {mona_params:,} Mona parameters, formula {mona_formula(widths, bottleneck):,}"
+            )
+        trainable = count(p for p in model.parameters() if p.requires_grad)
+        bare = probe.model.level_embed.numel()  # a bare parameter: modules_to_save cannot hold it, it stays frozen
+        if trainable - mona_params != detector - backbone - bare:
+            raise AssertionError(
+                f"{key}: {trainable - mona_params:,} trained besides Mona, expected {detector - backbone - bare:,}"
+            )
+        # LoRA on the same backbone alone: PEFT 0.21 cannot wrap these detectors with LoRA on transformers 5.x
+        # (`get_input_embeddings` not auto-handled, the error Mona works around); the count is the same.
+        with torch.device("meta"):
+            backbone_only = SwinBackbone(spec.config(out_features=["stage2", "stage3", "stage4"]))
+        lora_targets = lora_target_modules(backbone_only)
+        lora = get_peft_model(
+            unwritten(backbone_only), LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=lora_targets)
+        )
+        lora_params = adapter_params(lora, "lora_")
+        rows.append(
+            {
+                "name": f"Deformable DETR, {spec.name}",
+                "backbone": spec.name,
+                "blocks": len(widths),
+                "bottleneck": bottleneck,
+                "backbone_params": backbone,
+                "detector_params": detector,
+                "mona_params": mona_params,
+                "mona_share": mona_params / backbone,
+                "detector_parts_params": trainable - mona_params,
+                "frozen_outside_backbone": bare,
+                "official_mona_params_m64": OFFICIAL_M64[key],
+                "matches_official": mona_params == OFFICIAL_M64[key] if bottleneck == 64 else None,
+                "lora_params": lora_params,
+                "lora_share": lora_params / backbone,
+            }
+        )
+        name = rows[-1]["name"]
+        print(f"{name:28s} backbone {backbone:>12,}  Mona m={bottleneck} {mona_params:,}  LoRA {lora_params:,}")
+    return rows
 
 
 def _towers() -> dict[str, tuple[Any, list[str]]]:
@@ -293,6 +371,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{entry['name']:12s} backbone {entry['backbone_params']:>12,}  Mona {shares}  LoRA {lora:,}")
     payload["upernet_swin_l"] = measure_upernet_swin_l()
     if not args.quick:
+        payload["detectors"] = measure_detectors()
+        payload["paper_coco_swin_b_params"] = PAPER_COCO_SWIN_B
         payload["towers"] = measure_towers()
     payload["seconds"] = round(time.perf_counter() - start, 1)
     path = write_results("params_quick" if args.quick else "params", payload, args.results_dir)
