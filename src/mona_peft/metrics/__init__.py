@@ -8,7 +8,8 @@
 
     accuracy = evaluate.load(ACCURACY_PATH)
 
-``MEAN_IOU_PATH`` is the same for semantic segmentation (evaluate's ``mean_iou``).
+``MEAN_IOU_PATH`` is the same for semantic segmentation (evaluate's ``mean_iou``), ``COCO_MAP_PATH`` for object
+detection (COCO box mAP through pycocotools, the ``detection`` extra).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ ACCURACY_PATH = str(Path(__file__).resolve().parent / "accuracy")
 """Directory of the accuracy metric module, for ``evaluate.load(ACCURACY_PATH)``."""
 MEAN_IOU_PATH = str(Path(__file__).resolve().parent / "mean_iou")
 """Directory of the mean-IoU (semantic segmentation) metric module, for ``evaluate.load(MEAN_IOU_PATH)``."""
+COCO_MAP_PATH = str(Path(__file__).resolve().parent / "coco_map")
+"""Directory of the COCO box mAP (object detection, pycocotools) module, for ``evaluate.load(COCO_MAP_PATH)``."""
 
 
 def load_accuracy(**kwargs) -> evaluate.EvaluationModule:
@@ -42,4 +45,12 @@ def load_mean_iou(**kwargs) -> evaluate.EvaluationModule:
     return evaluate.load(MEAN_IOU_PATH, **kwargs)
 
 
-__all__ = ["ACCURACY_PATH", "MEAN_IOU_PATH", "load_accuracy", "load_mean_iou"]
+def load_coco_map(**kwargs) -> evaluate.EvaluationModule:
+    """``evaluate.load`` the packaged COCO box mAP metric (state in memory by default, as :func:`load_accuracy`)."""
+    import evaluate
+
+    kwargs.setdefault("keep_in_memory", True)
+    return evaluate.load(COCO_MAP_PATH, **kwargs)
+
+
+__all__ = ["ACCURACY_PATH", "COCO_MAP_PATH", "MEAN_IOU_PATH", "load_accuracy", "load_coco_map", "load_mean_iou"]
