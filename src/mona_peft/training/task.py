@@ -1,4 +1,4 @@
-"""What a task (classification, segmentation, later detection) supplies to the one training pipeline.
+"""What a task (classification, segmentation, detection) supplies to the one training pipeline.
 
 The pipeline (:mod:`.run`) does the rest the same way for every task: output-directory refusal and resume, the
 recipe's arguments and :class:`~mona_peft.training.recipe.RecipeTrainer` (optimizer groups, schedule), the
@@ -7,9 +7,9 @@ epoch-seeded :class:`~mona_peft.training.data.TaskDataset`, the method applied t
 (:class:`~mona_peft.training.card.TrainingCard`) and the curves. A task is an object of a :class:`Task` subclass; its
 hooks receive the run's :class:`~mona_peft.training.run.Experiment` where they need more than one piece of it.
 
-A detection task fits the same shape: its label column holds each image's objects, its preprocessing transforms
-boxes with the image, its collator keeps per-image target lists, and its metric (mAP) turns the model's outputs into
-boxes in ``compute_metrics``.
+Detection (:mod:`mona_peft.training.detection`) has the same shape: its label column holds each image's objects, its
+preprocessing transforms boxes with the image, its collator keeps per-image target lists, and its metric (mAP) turns
+the model's outputs into boxes in ``compute_metrics``.
 """
 
 from __future__ import annotations
