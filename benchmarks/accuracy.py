@@ -32,7 +32,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,7 @@ class Protocol:
     ablation_bottlenecks: tuple[int, ...]
     lr_grids: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(LR_GRIDS))
     grid_extensions: int = 1
+    eval_steps: int | None = None  # validation accuracy every this many steps (the curve that shows the plateau)
     note: str = ""
 
     def describe(self) -> dict[str, Any]:
@@ -93,6 +94,9 @@ class Protocol:
         keys = ("name", "image_size", "max_steps", "batch_size", "max_train_samples", "max_eval_samples")
         return {k: getattr(self, k) for k in keys}
 
+
+PILOT_STEPS = 160
+"""Steps of the 112 px protocol, fixed from the pilot before its runs (docs/benchmarks.md shows the pilot's curve)."""
 
 PROTOCOLS: dict[str, Protocol] = {
     "cpu": Protocol(
@@ -119,6 +123,37 @@ PROTOCOLS: dict[str, Protocol] = {
         bottleneck=64,
         ablation_bottlenecks=(32, 64, 128),
         note="full-size protocol for a GPU: 224 px (16 x 16 patches), every image, 1,000 steps at batch 16",
+    ),
+    "cpu112": Protocol(
+        name="cpu112",
+        image_size=112,
+        max_steps=PILOT_STEPS,
+        batch_size=16,
+        max_train_samples=640,
+        max_eval_samples=300,
+        seeds=(0, 1, 2),
+        bottleneck=64,
+        ablation_bottlenecks=(),
+        eval_steps=40,
+        note="the CPU protocol at 112 px (an 8 x 8 patch grid, where Mona's 5 x 5 and 7 x 7 filters have room): "
+        "the same images, grids, seeds and rules; the step budget set by the pilot (`--protocol pilot112`); "
+        "validation accuracy every 40 steps; several hours on 2 cores, run in parts with --resume",
+    ),
+    "pilot112": Protocol(
+        name="pilot112",
+        image_size=112,
+        max_steps=400,
+        batch_size=16,
+        max_train_samples=640,
+        max_eval_samples=300,
+        seeds=(0,),
+        bottleneck=64,
+        ablation_bottlenecks=(),
+        lr_grids={**LR_GRIDS, "full": (1e-5,)},
+        grid_extensions=0,
+        eval_steps=40,
+        note="pilot of the 112 px budget: full fine-tuning at its 56 px rate on Animal-MNIST for 400 steps, "
+        "validation accuracy every 40 steps, to see where it stops rising",
     ),
     "quick": Protocol(
         name="quick",
@@ -228,9 +263,51 @@ class RunSpec:
     learning_rate: float
     seed: int
     bottleneck: int
+    variant: str = ""  # "" or one setting of the pre-registered ablation, "name=value" (see ABLATION)
 
     def key(self) -> tuple[Any, ...]:
-        return (self.dataset, self.method, float(self.learning_rate), self.seed, self.bottleneck)
+        return (self.dataset, self.method, float(self.learning_rate), self.seed, self.bottleneck, self.variant)
+
+    @classmethod
+    def of(cls, record: dict[str, Any]) -> RunSpec:
+        """The spec of a run's record (records written before the ablation have no ``variant``)."""
+        fields = ("dataset", "method", "learning_rate", "seed", "bottleneck")
+        return cls(*(record[k] for k in fields), record.get("variant", ""))
+
+    def setting(self, name: str, default: Any) -> Any:
+        """The value this run's variant gives setting ``name`` (typed like ``default``), else ``default``."""
+        key, _, value = self.variant.partition("=")
+        return type(default)(value) if key == name else default
+
+
+ABLATION: dict[str, tuple[str, tuple[Any, ...]]] = {
+    "A1": ("bottleneck", (128, 192)),
+    "A2": ("dropout", (0.0,)),
+    "A3": ("prefix_tokens", ("unchanged",)),
+    "A4": ("head_learning_rate", (3e-4, 3e-3)),
+    "A5": ("init", ("official",)),
+}
+"""The pre-registered ablation (docs/accuracy-ablation-plan.md): each variant changes one setting of Mona's
+baseline (bottleneck 64, dropout 0.1, tokenwise prefix tokens, head learning rate 1e-3, zero init) and keeps its
+learning rate. A1 and A5 are runs the suite knows already (another bottleneck; ``mona_official``), so the protocol's
+own runs of the same configuration are reused."""
+ABLATION_DATASET = "animal-mnist"
+
+
+def ablation_specs(dataset: str, learning_rate: float, seed: int, bottleneck: int) -> list[tuple[str, RunSpec]]:
+    """(label, run) of the baseline ("base") and of every variant of :data:`ABLATION` (e.g. "A2 dropout=0.0")
+    for one seed."""
+    specs = [("base", RunSpec(dataset, "mona", learning_rate, seed, bottleneck))]
+    for vid, (name, values) in ABLATION.items():
+        for value in values:
+            if name == "bottleneck":
+                spec = RunSpec(dataset, "mona", learning_rate, seed, value)
+            elif name == "init":
+                spec = RunSpec(dataset, "mona_official", learning_rate, seed, bottleneck)
+            else:
+                spec = RunSpec(dataset, "mona", learning_rate, seed, bottleneck, f"{name}={value}")
+            specs.append((f"{vid} {name}={value}", spec))
+    return specs
 
 
 def _training_argv(spec: RunSpec, protocol: Protocol, model: str | None, output_dir: str) -> list[str]:
@@ -251,24 +328,33 @@ def _training_argv(spec: RunSpec, protocol: Protocol, model: str | None, output_
         "--disable_tqdm", "true",
         "--dataloader_num_workers", "0",
     ]  # fmt: skip
+    if protocol.eval_steps:
+        argv += ["--eval_strategy", "steps", "--eval_steps", str(protocol.eval_steps)]
+    if (head_lr := spec.setting("head_learning_rate", 0.0)) > 0:
+        argv += ["--head_learning_rate", repr(head_lr)]
     if model is not None:
         argv += ["--model_name_or_path", model]
     return argv
 
 
-def build_model(model_args: Any, labels: list[str], model_path: str, method: str) -> torch.nn.Module:
+def build_model(model_args: Any, labels: list[str], model_path: str, spec: RunSpec) -> torch.nn.Module:
     """The backbone with a fresh head and the method applied, as ``mona_peft.training`` builds it; for
-    ``mona_official`` the same Mona with ``init_weights="official"``."""
+    ``mona_official`` the same Mona with ``init_weights="official"``, and Mona's dropout or prefix tokens as the
+    run's ablation variant says."""
     from peft import get_peft_model
 
     from mona_peft import MonaConfig
     from mona_peft.training.recipe import apply_method, head_module_names, load_classifier
 
     model = load_classifier(model_args, labels, model_path)
-    init = METHODS[method].get("init", True)
-    if METHODS[method]["method"] == "mona" and init is not True:
+    init = METHODS[spec.method].get("init", True)
+    if METHODS[spec.method]["method"] == "mona" and (init is not True or spec.variant):
         config = MonaConfig(
-            bottleneck_dim=model_args.bottleneck_dim, init_weights=init, modules_to_save=head_module_names(model)
+            bottleneck_dim=model_args.bottleneck_dim,
+            init_weights=init,
+            dropout=spec.setting("dropout", 0.1),
+            prefix_tokens=spec.setting("prefix_tokens", "tokenwise"),
+            modules_to_save=head_module_names(model),
         )
         return get_peft_model(model, config)
     return apply_method(
@@ -296,7 +382,7 @@ def train_one(spec: RunSpec, protocol: Protocol, data: Any, model: str | None, m
         processor = load_image_processor(model_path)
         preprocessing = Preprocessing.from_processor(processor, data_args.image_size, data_args.min_crop_scale)
         set_seed(training_args.seed)
-        network = build_model(model_args, data.labels, model_path, spec.method)
+        network = build_model(model_args, data.labels, model_path, spec)
         experiment = Experiment(
             CLASSIFICATION, model_args, data_args, training_args, data, model_path, processor, preprocessing, network
         )
@@ -307,7 +393,9 @@ def train_one(spec: RunSpec, protocol: Protocol, data: Any, model: str | None, m
         train_seconds = time.perf_counter() - started
         validation = trainer.evaluate(experiment.validation_set)
         test = trainer.predict(experiment.test_set, metric_key_prefix="test").metrics
-        losses = {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e and "step" in e}
+        history = trainer.state.log_history
+        losses = {e["step"]: e["loss"] for e in history if "loss" in e and "step" in e}
+        curve = {e["step"]: float(e["eval_accuracy"]) for e in history if "eval_accuracy" in e}
         trainable, total = count_parameters(network)
     return {
         **asdict(spec),
@@ -318,6 +406,11 @@ def train_one(spec: RunSpec, protocol: Protocol, data: Any, model: str | None, m
         "validation_samples": len(data.splits["validation"]),
         "test_samples": len(data.splits["test"]),
         "train_loss": [float(losses[s]) for s in sorted(losses)],
+        **(
+            {"validation_curve": sorted({**curve, trainer.state.global_step: validation["eval_accuracy"]}.items())}
+            if protocol.eval_steps
+            else {}
+        ),
         "steps": int(trainer.state.global_step),
         "head_learning_rate": float(model_args.head_learning_rate),
         "trainable_params": int(trainable),
@@ -397,8 +490,8 @@ def summarize(runs: Sequence[dict[str, Any]], protocol: Protocol, dataset: str, 
     summary: dict[str, Any] = {"methods": {}, "ablation": {}}
 
     def done(method: str, lr: float, bottleneck: int) -> list[dict[str, Any]]:
-        keys = {"dataset": dataset, "method": method, "learning_rate": lr, "bottleneck": bottleneck}
-        return [r for r in runs if all(r[k] == v for k, v in keys.items()) and r["seed"] in protocol.seeds]
+        keys = {"dataset": dataset, "method": method, "learning_rate": lr, "bottleneck": bottleneck, "variant": ""}
+        return [r for r in runs if all(r.get(k, "") == v for k, v in keys.items()) and r["seed"] in protocol.seeds]
 
     for method in methods:
         sweep = _sweep_state(runs, protocol, dataset, method)[0]
@@ -430,7 +523,26 @@ def summarize(runs: Sequence[dict[str, Any]], protocol: Protocol, dataset: str, 
                     "trainable_params": ablation[0]["trainable_params"],
                     "learning_rate": lr,
                 }
+        if any(r["dataset"] == dataset and r["phase"] == "plan" for r in runs):
+            summary["variants"] = summarize_ablation(runs, protocol, dataset, lr)
     return summary
+
+
+def summarize_ablation(runs: Sequence[dict[str, Any]], protocol: Protocol, dataset: str, lr: float) -> dict:
+    """Per variant of the pre-registered ablation that has runs: its setting, test and validation accuracy over the
+    seeds, trainable parameters and seconds per run (``base`` is the baseline)."""
+    done = {RunSpec.of(r).key(): r for r in runs}
+    table: dict[str, Any] = {}
+    for label, spec in ablation_specs(dataset, lr, protocol.seeds[0], protocol.bottleneck):
+        found = [done[k] for k in (replace(spec, seed=s).key() for s in protocol.seeds) if k in done]
+        if found:
+            table[label] = {
+                "test_accuracy": spread([r["test_accuracy"] for r in found]),
+                "validation_accuracy": spread([r["validation_accuracy"] for r in found]),
+                "trainable_params": found[0]["trainable_params"],
+                "seconds": statistics.fmean(r["seconds"] for r in found),
+            }
+    return table
 
 
 class Suite:
@@ -475,18 +587,19 @@ class Suite:
         # the suite's time and session count carry over, so the page reports the whole suite's cost
         self.earlier_seconds = float(previous.get("suite_seconds", 0.0))
         self.sessions = int(previous.get("sessions", 1)) + 1
+        self.data_info = dict(previous.get("datasets", {}))  # an ablation-only session keeps the other datasets
         return list(previous["runs"])
 
     def run(self, spec: RunSpec, phase: str, data: Any, model_path: str) -> dict[str, Any]:
         for record in self.runs:
-            if RunSpec(*(record[k] for k in ("dataset", "method", "learning_rate", "seed", "bottleneck"))) == spec:
+            if RunSpec.of(record).key() == spec.key():
                 return record
         record = {"phase": phase, **train_one(spec, self.protocol, data, self.model, model_path)}
         self.runs.append(record)
         elapsed = time.perf_counter() - self.started
         print(
             f"[{elapsed / 60:5.1f} min] {spec.dataset:12s} {phase:8s} {spec.method:14s} lr {spec.learning_rate:<8g} "
-            f"seed {spec.seed} m {spec.bottleneck:<3d}: val {record['validation_accuracy']:.3f} "
+            f"seed {spec.seed} m {spec.bottleneck:<3d} {spec.variant}: val {record['validation_accuracy']:.3f} "
             f"test {record['test_accuracy']:.3f} last loss {record['train_loss'][-1]:.3f} ({record['seconds']:.0f} s)",
             flush=True,
         )
@@ -541,6 +654,26 @@ class Suite:
                         self.run(RunSpec(dataset, "mona", lr, seed, m), "ablation", data, model_path)
         return self.write(finished=True)
 
+    def execute_ablation(self) -> Path:
+        """The pre-registered ablation on :data:`ABLATION_DATASET` at Mona's chosen learning rate of this protocol,
+        whose sweep must be in the results already; the protocol's runs of the same configuration are reused."""
+        from mona_peft.training.recipe import resolve_model_path
+
+        if not _sweep_state(self.runs, self.protocol, ABLATION_DATASET, "mona")[0]:
+            raise SystemExit(f"The ablation needs Mona's sweep on {ABLATION_DATASET} of this protocol: run it first.")
+        model_path = resolve_model_path(self.model)
+        data = load_data(ABLATION_DATASET, self.protocol)
+        self.data_info[ABLATION_DATASET] = {
+            "description": data.description,
+            "classes": len(data.labels),
+            "sizes": {name: len(data.splits[name]) for name in data.splits},
+        }
+        lr = self._chosen_rate(ABLATION_DATASET, "mona")
+        for seed in self.protocol.seeds:
+            for _, spec in ablation_specs(ABLATION_DATASET, lr, seed, self.protocol.bottleneck):
+                self.run(spec, "plan", data, model_path)
+        return self.write(finished=True)
+
 
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -548,11 +681,17 @@ def main(argv: Sequence[str] | None = None) -> Path:
     size.add_argument("--quick", action="store_true", help="a tiny setting for the smoke test")
     size.add_argument("--full", action="store_true", help="the full-size protocol (the default when CUDA is there)")
     size.add_argument("--cpu", action="store_true", help="the CPU protocol even when CUDA is there")
+    size.add_argument("--protocol", choices=sorted(PROTOCOLS), default=None, help="any protocol by name")
     parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated; also folder:<dir>")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {list(METHODS)}")
     parser.add_argument("--model", default=None, help="checkpoint directory (default: the offline DINOv2-small)")
     parser.add_argument("--results-dir", type=Path, default=None, help="where to write the JSON")
     parser.add_argument("--resume", action="store_true", help="keep the runs the results file already holds")
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="the pre-registered ablation (docs/accuracy-ablation-plan.md) on this protocol; implies --resume",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -561,7 +700,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     )
     args = parser.parse_args(argv)
 
-    if args.quick:
+    if args.protocol:
+        protocol = PROTOCOLS[args.protocol]
+    elif args.quick:
         protocol = PROTOCOLS["quick"]
     elif args.full or (not args.cpu and torch.cuda.is_available()):
         protocol = PROTOCOLS["full"]
@@ -579,10 +720,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    name = "accuracy_quick" if args.quick else ("accuracy_full" if protocol.name == "full" else "accuracy")
-    suite = Suite(protocol, datasets, methods, args.model, name, args.results_dir, args.resume)
+    name = {"cpu": "accuracy", "cpu112": "accuracy_112"}.get(protocol.name, f"accuracy_{protocol.name}")
+    suite = Suite(protocol, datasets, methods, args.model, name, args.results_dir, args.resume or args.ablation)
     try:
-        path = suite.execute()
+        path = suite.execute_ablation() if args.ablation else suite.execute()
     finally:
         torch.set_num_threads(threads)  # main() also runs in-process (tests): leave the thread count as found
     minutes = (time.perf_counter() - suite.started) / 60
