@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
@@ -109,12 +109,12 @@ class ModelArguments:
     model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of a Hub model."})
     token: str | None = field(default=None, metadata={"help": "Hub token for private models (default: login)."})
 
-    methods: ClassVar[tuple[str, ...]] = METHODS
     """The methods this task's script offers."""
 
     def __post_init__(self) -> None:
-        if self.method not in self.methods:
-            raise ValueError(f"--method must be one of {', '.join(self.methods)}, got {self.method!r}.")
+        methods = next(f for f in dataclasses.fields(self) if f.name == "method").metadata["choices"]
+        if self.method not in methods:  # a task's own --method field (method_arg) sets its choices
+            raise ValueError(f"--method must be one of {', '.join(methods)}, got {self.method!r}.")
         for name in ("bottleneck_dim", "lora_rank", "lora_alpha"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
@@ -201,6 +201,11 @@ def arg(default: Any = None, help: str | None = None, **metadata: Any) -> Any:
     return field(default=default, metadata={"help": help, **metadata})
 
 
+def method_arg(methods: Sequence[str], mona: str, lora: str) -> Any:
+    """A task's ``--method`` field: its choices, and what ``mona`` and ``lora`` train in that task."""
+    return arg("mona", f"mona: {mona}; lora: {lora}; full: every parameter.", choices=list(methods))
+
+
 @dataclass
 class OutputArguments:
     """``--overwrite_output_dir``, for transformers versions whose TrainingArguments no longer have it."""
@@ -266,18 +271,23 @@ def parse_args(
     Recipe defaults that depend on other arguments (learning rate per method, output directory, training budget) are
     filled in here; ``overwrite_output_dir`` is attached to the TrainingArguments if they lack the field.
     """
-    return parse_task_args(argv, build_parser(), argument_classes(), DEFAULT_LEARNING_RATES, default_output_dir)
+    return parse_task_args(argv, None, None, DEFAULT_LEARNING_RATES, default_output_dir)
 
 
 def parse_task_args(
     argv: Sequence[str] | None,
-    parser: HfArgumentParser,
-    classes: Sequence[type],
+    task_classes: Sequence[type] | None,
+    description: str | None,
     learning_rates: dict[str, float],
     output_dir: Callable[[str, str | None, dict[str, Any]], str],
+    **parser_defaults: Any,
 ) -> tuple[Any, Any, TrainingArguments]:
-    """:func:`parse_args` for any task: ``classes`` as from :func:`argument_classes`, the default peak learning rate
-    per method, and ``output_dir(method, model_name_or_path, values)`` for the default output directory."""
+    """:func:`parse_args` for any task: its model and data argument classes (as for :func:`argument_classes`), the
+    ``--help`` description, the default peak learning rate per method, ``output_dir(method, model_name_or_path,
+    values)`` for the default output directory, and the task's own TrainingArguments defaults."""
+    classes = argument_classes(task_classes)
+    parser = build_parser(task_classes, description, learning_rates)
+    parser.set_defaults(**parser_defaults)
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) == 1 and argv[0].endswith(".json"):
         values = vars(parser.parse_args([]))

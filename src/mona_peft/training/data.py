@@ -12,6 +12,7 @@ with any number of processes or data-loader workers.
 from __future__ import annotations
 
 import io
+import json
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -536,3 +537,32 @@ def load_image(path: str | Path) -> PILImage.Image:
             return image.copy()
     except (OSError, ValueError, SyntaxError, PILImage.DecompressionBombError) as exc:
         raise DataError(f"Cannot read the image {str(path)!r}: {exc}") from exc
+
+
+def parse_class_names(value: str | None) -> list[str] | None:
+    """``--class_names``: comma-separated names, or a JSON file with a list of names or an ``id2label`` dict."""
+    if value is None:
+        return None
+    if value.endswith(".json"):
+        loaded = json.loads(Path(value).read_text())
+        if isinstance(loaded, dict):
+            loaded = loaded.get("id2label", loaded)
+            ids = sorted(int(k) for k in loaded)
+            if ids != list(range(len(ids))):
+                raise DataError(f"{value}: the class ids must be 0..N-1, got {ids[:10]}.")
+            return [str(loaded[str(i)] if str(i) in loaded else loaded[i]) for i in ids]
+        return [str(name) for name in loaded]
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if len(set(names)) != len(names):
+        raise DataError(f"--class_names has duplicates: {names}.")
+    return names
+
+
+def data_source(args: Any, folder_kind: str, default: str) -> tuple[str, str | None]:
+    """(description, Hub dataset id or None) of what ``args`` loads: ``--dataset_name``, else a ``--train_dir`` folder
+    of ``folder_kind``, else the task's ``default`` data."""
+    if args.dataset_name is not None:
+        return f"dataset {args.dataset_name}", args.dataset_name
+    if args.train_dir is not None:
+        return f"{folder_kind} {args.train_dir}", None
+    return default, None

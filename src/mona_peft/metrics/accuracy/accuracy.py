@@ -38,20 +38,16 @@ Example:
 _CITATION = ""
 
 
+_FEATURES = datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")})
+_URL = "https://huggingface.co/spaces/evaluate-metric/accuracy"
+
+
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class Accuracy(evaluate.Metric):
     """Classification accuracy (offline copy of evaluate's ``accuracy`` metric)."""
 
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
-            ),
-            reference_urls=["https://huggingface.co/spaces/evaluate-metric/accuracy"],
-        )
+        return evaluate.MetricInfo(_DESCRIPTION, _CITATION, _FEATURES, _KWARGS_DESCRIPTION, reference_urls=[_URL])
 
     def _compute(
         self,

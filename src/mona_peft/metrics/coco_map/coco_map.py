@@ -123,23 +123,18 @@ def _boxes() -> dict[str, Any]:
     }
 
 
+_FEATURES = datasets.Features(
+    {"predictions": {**_boxes(), "scores": datasets.Sequence(datasets.Value("float64"))}, "references": _boxes()}
+)
+_URL = "https://github.com/ppwwyyxx/cocoapi"
+
+
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class CocoMap(evaluate.Metric):
     """COCO box mAP (pycocotools) for object detection."""
 
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "predictions": {**_boxes(), "scores": datasets.Sequence(datasets.Value("float64"))},
-                    "references": _boxes(),
-                }
-            ),
-            reference_urls=["https://github.com/ppwwyyxx/cocoapi"],
-        )
+        return evaluate.MetricInfo(_DESCRIPTION, _CITATION, _FEATURES, _KWARGS_DESCRIPTION, reference_urls=[_URL])
 
     def _compute(self, predictions: Sequence[dict], references: Sequence[dict], num_labels: int) -> dict[str, Any]:
         return coco_map(predictions, references, num_labels)

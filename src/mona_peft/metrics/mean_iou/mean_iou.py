@@ -134,23 +134,21 @@ def mean_iou(
     return metrics
 
 
+_FEATURES = datasets.Features(
+    {
+        "predictions": datasets.Sequence(datasets.Sequence(datasets.Value("int64"))),
+        "references": datasets.Sequence(datasets.Sequence(datasets.Value("int64"))),
+    }
+)
+_URL = "https://huggingface.co/spaces/evaluate-metric/mean_iou"
+
+
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class MeanIoU(evaluate.Metric):
     """Mean IoU for semantic segmentation (offline counterpart of evaluate's ``mean_iou`` metric)."""
 
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "predictions": datasets.Sequence(datasets.Sequence(datasets.Value("int64"))),
-                    "references": datasets.Sequence(datasets.Sequence(datasets.Value("int64"))),
-                }
-            ),
-            reference_urls=["https://huggingface.co/spaces/evaluate-metric/mean_iou"],
-        )
+        return evaluate.MetricInfo(_DESCRIPTION, _CITATION, _FEATURES, _KWARGS_DESCRIPTION, reference_urls=[_URL])
 
     def _compute(self, predictions: Sequence[Any], references: Sequence[Any], **options: Any) -> dict[str, Any]:
         """``options``: :func:`mean_iou`'s ``num_labels``, ``ignore_index``, ``nan_to_num``, ``label_map``,

