@@ -82,6 +82,10 @@ class Protocol:
     lr_grids: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(LR_GRIDS))
     grid_extensions: int = 1
     eval_steps: int | None = None  # validation accuracy every this many steps (the curve that shows the plateau)
+    epochs: float | None = None  # a budget in epochs instead of max_steps
+    extra_args: tuple[str, ...] = ()  # further scripts/train.py arguments of every run
+    model: str | None = None  # default --model (None: the offline DINOv2-small)
+    datasets: tuple[str, ...] = ("textile", "animal-mnist")
     note: str = ""
 
     def describe(self) -> dict[str, Any]:
@@ -91,7 +95,7 @@ class Protocol:
         """The fields that decide what one run (dataset, method, rate, seed, bottleneck) gives; the others (grids,
         seeds, ablation widths, extensions) only decide which runs the suite does, so ``--resume`` can keep runs
         across a change of those."""
-        keys = ("name", "image_size", "max_steps", "batch_size", "max_train_samples", "max_eval_samples")
+        keys = ("name", "image_size", "max_steps", "epochs", "batch_size", "max_train_samples", "max_eval_samples")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -155,6 +159,24 @@ PROTOCOLS: dict[str, Protocol] = {
         note="pilot of the 112 px budget: full fine-tuning at its 56 px rate on Animal-MNIST for 400 steps, "
         "validation accuracy every 40 steps, to see where it stops rising",
     ),
+    "gpu": Protocol(
+        name="gpu",
+        image_size=224,
+        max_steps=0,
+        epochs=100,
+        batch_size=16,
+        max_train_samples=None,
+        max_eval_samples=None,
+        seeds=(0, 1, 2),
+        bottleneck=64,
+        ablation_bottlenecks=(32, 128),
+        extra_args=("--drop_path_rate", "0.3"),
+        model="microsoft/swin-large-patch4-window7-224-in22k",
+        datasets=("hub:Donghyun99/Oxford-Flower-102", "hub:timm/oxford-iiit-pet"),
+        note="the paper's classification setting, for a GPU: Swin-L (ImageNet-22k) from the Hub, Oxford Flowers-102 "
+        "and Oxford-IIIT Pets from the Hub, the official recipe (224 px, batch 16, 100 epochs, drop path 0.3; "
+        "AdamW, 20% warm-up then cosine, clipping 5); not run yet",
+    ),
     "quick": Protocol(
         name="quick",
         image_size=32,
@@ -172,7 +194,8 @@ PROTOCOLS: dict[str, Protocol] = {
 
 DATASETS = ("textile", "animal-mnist")
 """Offline datasets: the embedded textile images (conformal-clip-data) and Animal-MNIST (the animal-mnist wheel's
-gzip pickles). ``folder:<dir>`` names an image folder (one sub-folder per class) instead."""
+gzip pickles). ``folder:<dir>`` names an image folder (one sub-folder per class), ``hub:<id>`` a Hub (or saved local)
+dataset with image and label columns."""
 
 
 # ---------------------------------------------------------------------------------------------------------- the data
@@ -219,9 +242,11 @@ def load_data(name: str, protocol: Protocol, split_seed: int = 42) -> Any:
         return prepare_data(DataArguments(split_seed=split_seed, **limits))
     if name.startswith("folder:"):
         return prepare_data(DataArguments(train_dir=name.split(":", 1)[1], split_seed=split_seed, **limits))
+    if name.startswith("hub:"):
+        return prepare_data(DataArguments(dataset_name=name.split(":", 1)[1], split_seed=split_seed, **limits))
     if name == "animal-mnist":
         return _animal_mnist_data(protocol, split_seed)
-    raise ValueError(f"Unknown dataset {name!r}: choose from {DATASETS} or folder:<dir>.")
+    raise ValueError(f"Unknown dataset {name!r}: choose from {DATASETS}, folder:<dir> or hub:<id>.")
 
 
 def _animal_mnist_data(protocol: Protocol, split_seed: int) -> Any:
@@ -313,12 +338,14 @@ def ablation_specs(dataset: str, learning_rate: float, seed: int, bottleneck: in
 def _training_argv(spec: RunSpec, protocol: Protocol, model: str | None, output_dir: str) -> list[str]:
     """``scripts/train.py`` arguments of a run: the recipe's defaults, no checkpoints, no evaluation during
     training, a loss log entry every step."""
+    epochs = protocol.epochs
+    budget = ("--num_train_epochs", str(epochs)) if epochs else ("--max_steps", str(protocol.max_steps))
     argv = [
         "--method", METHODS[spec.method]["method"],
         "--learning_rate", repr(spec.learning_rate),
         "--bottleneck_dim", str(spec.bottleneck),
         "--seed", str(spec.seed),
-        "--max_steps", str(protocol.max_steps),
+        *budget,
         "--per_device_train_batch_size", str(protocol.batch_size),
         "--image_size", str(protocol.image_size),
         "--output_dir", output_dir,
@@ -328,6 +355,7 @@ def _training_argv(spec: RunSpec, protocol: Protocol, model: str | None, output_
         "--disable_tqdm", "true",
         "--dataloader_num_workers", "0",
     ]  # fmt: skip
+    argv += list(protocol.extra_args)
     if protocol.eval_steps:
         argv += ["--eval_strategy", "steps", "--eval_steps", str(protocol.eval_steps)]
     if (head_lr := spec.setting("head_learning_rate", 0.0)) > 0:
@@ -654,23 +682,23 @@ class Suite:
                         self.run(RunSpec(dataset, "mona", lr, seed, m), "ablation", data, model_path)
         return self.write(finished=True)
 
-    def execute_ablation(self) -> Path:
-        """The pre-registered ablation on :data:`ABLATION_DATASET` at Mona's chosen learning rate of this protocol,
-        whose sweep must be in the results already; the protocol's runs of the same configuration are reused."""
+    def execute_ablation(self, dataset: str = ABLATION_DATASET) -> Path:
+        """The pre-registered ablation on ``dataset`` at Mona's chosen learning rate of this protocol, whose sweep
+        must be in the results already; the protocol's runs of the same configuration are reused."""
         from mona_peft.training.recipe import resolve_model_path
 
-        if not _sweep_state(self.runs, self.protocol, ABLATION_DATASET, "mona")[0]:
-            raise SystemExit(f"The ablation needs Mona's sweep on {ABLATION_DATASET} of this protocol: run it first.")
+        if not _sweep_state(self.runs, self.protocol, dataset, "mona")[0]:
+            raise SystemExit(f"The ablation needs Mona's sweep on {dataset} in this protocol's results: run it first.")
         model_path = resolve_model_path(self.model)
-        data = load_data(ABLATION_DATASET, self.protocol)
-        self.data_info[ABLATION_DATASET] = {
+        data = load_data(dataset, self.protocol)
+        self.data_info[dataset] = {
             "description": data.description,
             "classes": len(data.labels),
             "sizes": {name: len(data.splits[name]) for name in data.splits},
         }
-        lr = self._chosen_rate(ABLATION_DATASET, "mona")
+        lr = self._chosen_rate(dataset, "mona")
         for seed in self.protocol.seeds:
-            for _, spec in ablation_specs(ABLATION_DATASET, lr, seed, self.protocol.bottleneck):
+            for _, spec in ablation_specs(dataset, lr, seed, self.protocol.bottleneck):
                 self.run(spec, "plan", data, model_path)
         return self.write(finished=True)
 
@@ -682,15 +710,19 @@ def main(argv: Sequence[str] | None = None) -> Path:
     size.add_argument("--full", action="store_true", help="the full-size protocol (the default when CUDA is there)")
     size.add_argument("--cpu", action="store_true", help="the CPU protocol even when CUDA is there")
     size.add_argument("--protocol", choices=sorted(PROTOCOLS), default=None, help="any protocol by name")
-    parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated; also folder:<dir>")
+    parser.add_argument("--datasets", default=None, help="comma-separated; also folder:<dir>, hub:<id>")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {list(METHODS)}")
     parser.add_argument("--model", default=None, help="checkpoint directory (default: the offline DINOv2-small)")
     parser.add_argument("--results-dir", type=Path, default=None, help="where to write the JSON")
     parser.add_argument("--resume", action="store_true", help="keep the runs the results file already holds")
+    parser.add_argument("--max-steps", type=int, default=None, help="cap every run (smoke tests of a long protocol)")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds instead of the protocol's")
     parser.add_argument(
         "--ablation",
-        action="store_true",
-        help="the pre-registered ablation (docs/accuracy-ablation-plan.md) on this protocol; implies --resume",
+        nargs="?",
+        const=ABLATION_DATASET,
+        metavar="DATASET",
+        help=f"the pre-registered ablation (docs/accuracy-ablation-plan.md) on DATASET (default {ABLATION_DATASET})",
     )
     parser.add_argument(
         "--threads",
@@ -708,11 +740,15 @@ def main(argv: Sequence[str] | None = None) -> Path:
         protocol = PROTOCOLS["full"]
     else:
         protocol = PROTOCOLS["cpu"]
+    if args.max_steps is not None:
+        protocol = replace(protocol, max_steps=args.max_steps, epochs=None, name=f"{protocol.name}-capped")
+    if args.seeds is not None:
+        protocol = replace(protocol, seeds=tuple(int(s) for s in args.seeds.split(",")))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    datasets = [d.strip() for d in (args.datasets or ",".join(protocol.datasets)).split(",") if d.strip()]
     threads = torch.get_num_threads()
     if args.threads is not None or not torch.cuda.is_available():
         torch.set_num_threads(args.threads or 1)
@@ -721,9 +757,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
     transformers.logging.set_verbosity_error()
     name = {"cpu": "accuracy", "cpu112": "accuracy_112"}.get(protocol.name, f"accuracy_{protocol.name}")
-    suite = Suite(protocol, datasets, methods, args.model, name, args.results_dir, args.resume or args.ablation)
+    model = args.model or protocol.model
+    suite = Suite(protocol, datasets, methods, model, name, args.results_dir, args.resume or args.ablation)
     try:
-        path = suite.execute_ablation() if args.ablation else suite.execute()
+        path = suite.execute_ablation(args.ablation) if args.ablation else suite.execute()
     finally:
         torch.set_num_threads(threads)  # main() also runs in-process (tests): leave the thread count as found
     minutes = (time.perf_counter() - suite.started) / 60

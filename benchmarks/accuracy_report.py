@@ -6,6 +6,7 @@ touching the speed and parameter sections.
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
 from pathlib import Path
@@ -14,7 +15,11 @@ from typing import Any
 from benchmarks.report import _figure_footer, _pyplot, _table, provenance
 
 METHOD_ORDER = ("linear", "full", "lora", "mona", "mona_official")
-LOSS_PLOT = "accuracy_loss_{dataset}.png"
+LOSS_PLOT = "accuracy_loss_{dataset}{suffix}.png"
+PARAMS_PLOT = "accuracy_params{suffix}.png"
+RESULT_FILES = tuple(f"accuracy{s}.json" for s in ("", "_112", "_pilot112", "_full", "_gpu"))
+"""Results rendered, in this order: the 56 px CPU protocol, the 112 px one and its pilot, the GPU protocols."""
+TITLES = {"cpu": "## 3. Accuracy", "cpu112": "## 3b. Accuracy at 112 px", "pilot112": "### Pilot of the 112 px budget"}
 
 
 def _acc(stat: dict[str, Any] | None) -> str:
@@ -199,15 +204,120 @@ def plot_losses(payload: dict[str, Any], dataset: str, path: Path) -> bool:
     return True
 
 
+def _suffix(payload: dict[str, Any]) -> str:
+    name = payload["protocol"]["name"]
+    return "" if name == "cpu" else f"_{name}"
+
+
+def curve_table(payload: dict[str, Any], dataset: str) -> str:
+    """Validation accuracy during training (runs with ``validation_curve``), mean over the seeds, per method."""
+    summary = payload["summary"][dataset]
+    rows, steps = [], []
+    for m in _methods(summary):
+        s = summary["methods"][m]
+        curves = [
+            dict(map(tuple, r["validation_curve"]))
+            for r in payload["runs"]
+            if r["dataset"] == dataset
+            and r["method"] == m
+            and r.get("validation_curve")
+            and not r.get("variant")
+            and r["learning_rate"] == s["learning_rate"]
+            and r["bottleneck"] == payload["protocol"]["bottleneck"]
+        ]
+        if curves:
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            rows.append(
+                [s["label"], str(len(curves)), *(f"{statistics.fmean(c[t] for c in curves):.3f}" for t in steps)]
+            )
+    if not rows:
+        return ""
+    width = max(len(r) for r in rows)
+    return _table(["method", "seeds", *(f"step {t}" for t in steps)], [r + [""] * (width - len(r)) for r in rows])
+
+
+def variants_table(payload: dict[str, Any], dataset: str) -> str:
+    """The pre-registered ablation: every variant against the baseline, read by the plan's fixed rule (a change
+    when the mean test accuracies differ by more than the larger seed std)."""
+    variants = payload["summary"][dataset].get("variants") or {}
+    base = variants.get("base")
+    rows = []
+    for label, v in variants.items():
+        t = v["test_accuracy"]
+        reading = "—"
+        if base and label != "base" and t["n"] > 1 and base["test_accuracy"]["n"] > 1:
+            diff = 100 * (t["mean"] - base["test_accuracy"]["mean"])
+            noise = 100 * max(t["std"], base["test_accuracy"]["std"])
+            reading = (
+                f"{diff:+.1f} pts: " + ("**changes**" if abs(diff) > noise else "no change") + f" (std {noise:.1f})"
+            )
+        rows.append([label, f"{v['trainable_params']:,}", _acc(t), _acc(v["validation_accuracy"]), reading,
+                     f"{v['seconds']:.0f}"])  # fmt: skip
+    header = ["variant", "trainable params", "test accuracy", "validation accuracy", "vs baseline", "s/run"]
+    return _table(header, rows)
+
+
+def plot_params(payload: dict[str, Any], path: Path) -> bool:
+    """Test accuracy (mean, seed range as error bars) against trainable parameters, one panel per dataset: the
+    paper's opening figure for this protocol."""
+    datasets = [d for d in payload["summary"] if payload["summary"][d]["methods"]]
+    if not datasets:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets), 4.2), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        summary = payload["summary"][dataset]
+        for i, m in enumerate(_methods(summary)):
+            s = summary["methods"][m]
+            t = s["test_accuracy"]
+            if not t.get("n") or not s.get("trainable_params"):
+                continue
+            err = [[t["mean"] - t["min"]], [t["max"] - t["mean"]]]
+            ax.errorbar(
+                s["trainable_params"], t["mean"], yerr=err, fmt="o", color=f"C{i}", capsize=3, label=s["label"]
+            )
+        ax.set_xscale("log")
+        ax.set_title(
+            f"{payload['datasets'][dataset]['description']}, {payload['protocol']['image_size']} px", fontsize=8
+        )
+        ax.set_xlabel("trainable parameters")
+        ax.set_ylabel("test accuracy (mean, seed min–max)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _figure_footer(fig, payload)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return True
+
+
+def resolution_table(payloads: list[dict[str, Any]]) -> str:
+    """Mean test accuracy of every method at every resolution measured, per dataset, side by side."""
+    sizes = [p["protocol"]["image_size"] for p in payloads]
+    rows = []
+    for dataset in dict.fromkeys(d for p in payloads for d in p["summary"]):
+        for m in METHOD_ORDER:
+            cells = [
+                _acc(p["summary"].get(dataset, {}).get("methods", {}).get(m, {}).get("test_accuracy"))
+                for p in payloads
+            ]
+            if any(c != "—" for c in cells):
+                rows.append([dataset, payloads[0]["methods"].get(m, m), *cells])
+    return _table(["dataset", "method", *(f"test accuracy, {s} px" for s in sizes)], rows)
+
+
 def accuracy_section(payload: dict[str, Any], docs: Path) -> str:
-    """The markdown of section 3, writing its plots into ``docs``."""
-    title = "## 3. Accuracy" + (" (full-size protocol)" if payload["protocol"]["name"] == "full" else "")
+    """The markdown of one accuracy protocol's section, writing its plots into ``docs``."""
+    name = payload["protocol"]["name"]
+    title = TITLES.get(name, f"## 3. Accuracy (protocol `{name}`)")
     lines = [title, "", protocol_text(payload), "", provenance(payload), ""]
+    if plot_params(payload, docs / PARAMS_PLOT.format(suffix=_suffix(payload))):
+        lines += [f"![test accuracy against trainable parameters]({PARAMS_PLOT.format(suffix=_suffix(payload))})", ""]
     for dataset, info in payload["datasets"].items():
         if dataset not in payload["summary"] or not payload["summary"][dataset]["methods"]:
             continue
         sizes = ", ".join(f"{k} {v}" for k, v in info["sizes"].items())
-        lines += [f"### {info['description']}", "", f"{info['classes']} classes; {sizes} images.", ""]
+        lines += [f"#### {info['description']}", "", f"{info['classes']} classes; {sizes} images.", ""]
         lines += [method_table(payload, dataset), "", reading(payload, dataset), ""]
         if payload["summary"][dataset].get("ablation"):
             lines += [
@@ -216,9 +326,26 @@ def accuracy_section(payload: dict[str, Any], docs: Path) -> str:
                 ablation_table(payload, dataset),
                 "",
             ]
+        if payload["summary"][dataset].get("variants"):
+            lines += ["Pre-registered ablation (docs/accuracy-ablation-plan.md), 3 seeds per variant, Mona's chosen "
+                      "learning rates:", "", variants_table(payload, dataset), ""]  # fmt: skip
+        if curve := curve_table(payload, dataset):
+            lines += ["Validation accuracy during training (chosen LR, mean over seeds):", "", curve, ""]
         lines += ["Learning-rate sweep (one seed): validation accuracy (test accuracy) per rate:", ""]
         lines += [sweep_table(payload, dataset), ""]
-        name = LOSS_PLOT.format(dataset=_slug(dataset))
-        if plot_losses(payload, dataset, docs / name):
-            lines += [f"![training loss per method]({name})", ""]
+        plot = LOSS_PLOT.format(dataset=_slug(dataset), suffix=_suffix(payload))
+        if plot_losses(payload, dataset, docs / plot):
+            lines += [f"![training loss per method]({plot})", ""]
     return "\n".join(lines)
+
+
+def accuracy_sections(results: Path, docs: Path) -> list[str]:
+    """Every accuracy protocol in ``results`` (:data:`RESULT_FILES`), and the resolutions side by side."""
+    payloads = [json.loads(path.read_text()) for f in RESULT_FILES if (path := results / f).exists()]
+    sections = [accuracy_section(p, docs) for p in payloads]
+    cpu = [p for p in payloads if p["protocol"]["name"] in ("cpu", "cpu112")]
+    if len(cpu) > 1:
+        sections.append(
+            "### Test accuracy by resolution (same images, recipe and rules)\n\n" + resolution_table(cpu) + "\n"
+        )
+    return sections

@@ -1,5 +1,5 @@
 """What every benchmark shares: the machine record, JSON output, the model zoo (configs only), the methods, and the
-statistics of interleaved rounds (medians, paired ratios, the A/A twin)."""
+statistics of interleaved rounds (medians, paired ratios; an A/A twin is just one more variant)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import shlex
 import statistics
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,36 +25,27 @@ from torch.utils.benchmark import Timer
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
 DOCS_DIR = REPO / "docs"
+LORA_RANK = 16
+HEAD = "classifier"
 
 # ----------------------------------------------------------------------------------------------------- the machine
 
 
 def proc_field(path: str, name: str) -> int | None:
     """The first number of line ``name:`` of a /proc file (kB for memory), or None (not Linux)."""
-    try:
-        line = next(x for x in Path(path).read_text().splitlines() if x.startswith(name + ":"))
-    except (OSError, StopIteration):
-        return None
-    return int(line.split()[1])
+    with contextlib.suppress(OSError, StopIteration):
+        return int(next(x for x in Path(path).read_text().splitlines() if x.startswith(name + ":")).split()[1])
+    return None
 
 
 def total_memory_gib() -> float | None:
+    """The machine's memory in GiB (None where unknown)."""
     kib = proc_field("/proc/meminfo", "MemTotal")
     return None if kib is None else round(kib / 2**20, 1)
 
 
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux, else ``platform.processor()``)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def git(*args: str) -> str:
+    """Run git in the repository; its stdout, or RuntimeError."""
     done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"git {' '.join(args)} failed: {done.stderr.strip()}")
@@ -70,11 +61,10 @@ def git_revision(dirty_mark: str = "+dirty-src") -> str | None:
 
 
 def load_average() -> list[float] | None:
-    """The 1/5/15-minute load averages (how busy the machine was: > cores means other work competed for it)."""
-    try:
+    """The 1/5/15-minute load averages (above the core count, other work competed for the machine)."""
+    with contextlib.suppress(OSError):
         return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
+    return None
 
 
 def machine_info(device: str = "cpu") -> dict[str, Any]:
@@ -82,26 +72,25 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
     import peft
     import transformers
 
+    cpu = next((x.split(":", 1)[1].strip() for x in _lines("/proc/cpuinfo") if x.startswith("model name")), None)
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     module = spec.name if spec is not None and spec.name else Path(sys.argv[0]).stem
-    info: dict[str, Any] = {
-        "cpu": cpu_model(),
-        "logical_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "memory_gib": total_memory_gib(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "device": device,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "load_average_at_start": load_average(),
-        "command": f"python -m {module}" + (" " + shlex.join(sys.argv[1:]) if len(sys.argv) > 1 else ""),
-        "git": git_revision(),
-    }
+    info: dict[str, Any] = {"cpu": cpu or platform.processor() or platform.machine(), "logical_cores": os.cpu_count()}
+    info |= {"torch_threads": torch.get_num_threads(), "memory_gib": total_memory_gib()}
+    info |= {"python": platform.python_version(), "torch": torch.__version__}
+    info |= {"transformers": transformers.__version__, "peft": peft.__version__, "device": device}
+    info |= {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    info |= {"load_average_at_start": load_average(), "git": git_revision()}
+    info["command"] = " ".join(["python", "-m", module, *map(shlex.quote, sys.argv[1:])])
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def _lines(path: str) -> list[str]:
+    with contextlib.suppress(OSError):
+        return Path(path).read_text().splitlines()
+    return []
 
 
 def write_results(name: str, payload: dict[str, Any], results_dir: Path | None = None) -> Path:
@@ -118,61 +107,58 @@ def write_results(name: str, payload: dict[str, Any], results_dir: Path | None =
 
 def describe(values: Sequence[float]) -> dict[str, Any]:
     """Median, quartiles, min, max and count of a sample."""
-    ordered = sorted(values)
-    if not ordered:
+    v = sorted(values)
+    if not v:
         return {"n": 0}
-    q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else ordered * 3
-    median = statistics.median(ordered)
-    return {"n": len(ordered), "median": median, "q1": q1, "q3": q3, "min": ordered[0], "max": ordered[-1]}
+    q1, _, q3 = statistics.quantiles(v, n=4, method="inclusive") if len(v) > 1 else v * 3
+    return {"n": len(v), "median": statistics.median(v), "q1": q1, "q3": q3, "min": v[0], "max": v[-1]}
 
 
 def paired_ratios(records: list[dict], numerator: str, denominator: str, key: str) -> dict[str, Any] | None:
-    """Per-round ``key`` of ``numerator`` over ``denominator`` (same round), summarised."""
+    """Per-round ``key`` of ``numerator`` over ``denominator`` (same round), summarised; None if never both."""
     by_round: dict[int, dict[str, float]] = {}
     for r in records:
         by_round.setdefault(r["round"], {})[r["method"]] = r[key]
-    values = [
-        row[numerator] / row[denominator]
-        for _, row in sorted(by_round.items())
-        if numerator in row and denominator in row and row[denominator] > 0
-    ]
+    rows = [row for _, row in sorted(by_round.items()) if numerator in row and row.get(denominator, 0) > 0]
+    values = [row[numerator] / row[denominator] for row in rows]
     return {**describe(values), "values": values} if values else None
+
+
+def ratios(records: list[dict], pairs: Iterable[str], key: str = "ms") -> dict[str, dict]:
+    """:func:`paired_ratios` of every ``"numerator/denominator"`` pair whose methods were both measured."""
+    found = {pair: paired_ratios(records, *pair.split("/"), key) for pair in pairs}
+    return {pair: r for pair, r in found.items() if r is not None}
+
+
+def per_method(records: list[dict], key: str = "ms") -> dict[str, dict[str, Any]]:
+    """:func:`describe` of ``key`` per method, in order of first appearance."""
+    return {
+        m: describe([r[key] for r in records if r["method"] == m]) for m in dict.fromkeys(r["method"] for r in records)
+    }
 
 
 def mean_ms(fn: Callable[[], Any], calls: int) -> float:
     """Mean wall time of ``calls`` calls of ``fn`` in ms (``torch.utils.benchmark.Timer``, at the current threads)."""
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.timeit(calls).mean * 1e3
+    return Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).timeit(calls).mean * 1e3
 
 
-def interleave(
-    variants: dict[str, Callable[[], Any]],
-    rounds: int,
-    calls: int,
-    rng: random.Random,
-    contexts: dict[str, Callable[[], Any]] | None = None,
-) -> list[dict[str, Any]]:
-    """Interleaved rounds: each round times every variant once (:func:`mean_ms` of ``calls`` calls), in a fresh
-    random order, so that all of them share the machine's slow and fast moments; after one untimed call each.
-    ``contexts``: a context to enter around a variant's timed calls (outside the timer)."""
-    contexts = contexts or {}
+def interleave(variants: dict[str, Callable[[], Any]], rounds: int, calls: int, rng: random.Random,
+               contexts: dict[str, Callable[[], Any]] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """Interleaved rounds: each round times every variant once (:func:`mean_ms` of ``calls`` calls) in a fresh random
+    order, so that all share the machine's slow and fast moments; after one untimed call each. ``contexts``: a
+    context entered around a variant's timed calls (outside the timer)."""
+    enter = (contexts or {}).get
     for name, fn in variants.items():
-        with contexts.get(name, contextlib.nullcontext)():
+        with enter(name, contextlib.nullcontext)():
             fn()
     records = []
     for r in range(rounds):
         order = list(variants)
         rng.shuffle(order)
         for name in order:
-            with contexts.get(name, contextlib.nullcontext)():
+            with enter(name, contextlib.nullcontext)():
                 records.append({"round": r, "method": name, "ms": mean_ms(variants[name], calls)})
     return records
-
-
-def per_method(records: list[dict], key: str = "ms") -> dict[str, dict[str, Any]]:
-    """:func:`describe` of ``key`` per method, in order of first appearance."""
-    methods = dict.fromkeys(r["method"] for r in records)
-    return {m: describe([r[key] for r in records if r["method"] == m]) for m in methods}
 
 
 # ------------------------------------------------------------------------------------------------------ the models
@@ -180,8 +166,7 @@ def per_method(records: list[dict], key: str = "ms") -> dict[str, dict[str, Any]
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A backbone built from its config only (no weights): name, family (``vit`` | ``swin`` | ``dinov2``) and the
-    config's arguments."""
+    """A backbone built from its config only (no weights): family ``vit`` | ``swin`` | ``dinov2`` and its config."""
 
     key: str
     name: str
@@ -190,6 +175,7 @@ class ModelSpec:
     image_size: int = 224
 
     def config(self, **extra: Any) -> Any:
+        """The transformers config, with ``extra`` arguments on top."""
         import transformers
 
         names = {"vit": "ViTConfig", "swin": "SwinConfig", "dinov2": "Dinov2Config"}
@@ -200,20 +186,18 @@ def _swin(embed_dim: int, depths: list[int], heads: list[int]) -> dict[str, Any]
     return dict(embed_dim=embed_dim, depths=depths, num_heads=heads, window_size=7, image_size=224, patch_size=4)
 
 
-def _vit(hidden: int, layers: int, heads: int) -> dict[str, Any]:
-    kwargs = dict(
-        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=4 * hidden
-    )
-    return {**kwargs, "image_size": 224, "patch_size": 16}
+def _vit(hidden: int, layers: int, heads: int, **extra: Any) -> dict[str, Any]:
+    sizes = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=4 * hidden)
+    return {**sizes, "image_size": 224, "patch_size": 16, **extra}
 
 
 def _dinov2(hidden: int, heads: int) -> dict[str, Any]:
     # facebook/dinov2-{small,base}: 12 layers, patch 14, native image size 518, layer scale 1.0
-    kwargs = dict(hidden_size=hidden, num_hidden_layers=12, num_attention_heads=heads, mlp_ratio=4, patch_size=14)
-    return {**kwargs, "image_size": 518, "layerscale_value": 1.0}
+    sizes = dict(hidden_size=hidden, num_hidden_layers=12, num_attention_heads=heads, mlp_ratio=4, patch_size=14)
+    return {**sizes, "image_size": 518, "layerscale_value": 1.0}
 
 
-_TINY_VIT = {**_vit(32, 2, 4), "intermediate_size": 64, "image_size": 32, "patch_size": 8}
+_TINY_VIT = _vit(32, 2, 4, intermediate_size=64, image_size=32, patch_size=8)
 _TINY_SWIN = dict(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4)
 MODELS: dict[str, ModelSpec] = {
     spec.key: spec
@@ -241,31 +225,28 @@ def build_classifier(spec: ModelSpec, num_labels: int = 1000) -> nn.Module:
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
-    """The backbone of a transformers classifier (``model.vit``, ``model.swin``, ...), i.e. everything but the head."""
+    """The backbone of a transformers classifier (``model.vit``, ``model.swin``, ...): everything but the head."""
     return getattr(model, model.base_model_prefix)
 
 
 # ----------------------------------------------------------------------------------------------------- the methods
 
-LORA_RANK = 16
-HEAD = "classifier"
-
 
 def lora_target_modules(model: nn.Module) -> list[str]:
-    """LoRA's q/v targets under the installed transformers' names: ``q_proj``/``v_proj`` (5.x) or ``query``/``value``
-    (4.x)."""
+    """LoRA's q/v targets under the installed transformers' names: ``q_proj``/``v_proj`` (5.x), ``query``/``value``."""
     leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    for names in (["q_proj", "v_proj"], ["query", "value"]):
-        if set(names) <= leaves:
-            return names
-    raise ValueError(f"{type(model).__name__} has neither q_proj/v_proj nor query/value modules.")
+    found = next((names for names in (["q_proj", "v_proj"], ["query", "value"]) if set(names) <= leaves), None)
+    if found is None:
+        raise ValueError(f"{type(model).__name__} has neither q_proj/v_proj nor query/value modules.")
+    return found
 
 
-def lora_config(model: nn.Module, modules_to_save: list[str] | None = None) -> Any:
-    """LoRA r = 16 on the attention's query and value projections (alpha = r, no dropout, no bias)."""
+def lora_config(model: nn.Module | None = None, modules_to_save: list[str] | None = None,
+                targets: list[str] | None = None) -> Any:  # fmt: skip
+    """LoRA r = 16 (alpha = r, no dropout) on ``targets``, by default ``model``'s attention query and value."""
     from peft import LoraConfig
 
-    targets = lora_target_modules(model)
+    targets = targets or lora_target_modules(model)
     return LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=targets, modules_to_save=modules_to_save)
 
 
@@ -274,15 +255,16 @@ def mona_config(
 ) -> Any:
     """Mona with the paper's defaults (kernels 3/5/7, dropout 0.1, both positions).
 
-    No module is trained in full unless ``modules_to_save`` names some, or ``default_heads`` asks for MonaConfig's
-    own default (the model's task head). How the adapters compute (fused norm + down, merged filter) is a runtime
-    choice, not part of the config: see ``mona_peft.set_compute``.
+    Nothing is trained in full unless ``modules_to_save`` names it, or ``default_heads`` asks for MonaConfig's own
+    default (the task head). How the adapters compute is a runtime choice: ``mona_peft.set_compute``.
     """
     from mona_peft import MonaConfig
 
-    heads = None if default_heads else (modules_to_save or [])
-    return MonaConfig(bottleneck_dim=bottleneck_dim, modules_to_save=heads)
+    return MonaConfig(
+        bottleneck_dim=bottleneck_dim, modules_to_save=None if default_heads else (modules_to_save or [])
+    )
 
 
-def count(parameters: Any) -> int:
+def count(parameters: Iterable[torch.Tensor]) -> int:
+    """Number of elements of ``parameters``."""
     return sum(p.numel() for p in parameters)

@@ -1,12 +1,10 @@
-"""Peak memory of one measured step on CPU (resident set size), and the glibc allocator settings that keep several
+"""Peak memory of one measured step on CPU (resident set size), and glibc allocator settings that keep several
 benchmark processes comparable.
 
 Before the step the process resets its peak-RSS counter (writing ``5`` to ``/proc/self/clear_refs`` resets ``VmHWM``
-to the current RSS); after the step ``VmHWM`` is the highest RSS reached during the step. This counts everything the
-process holds: tensors, the allocator's slack, oneDNN scratch buffers, Python objects. Each method runs in its own
-process, so nothing of another method is ever counted. Optionally the heap is first given back to the OS
-(``malloc_trim(0)``), so that the peak is that of the step alone. Where ``clear_refs`` is not writable, the lifetime
-peak (``ru_maxrss``) is used and the result says so.
+to the current RSS); after it, ``VmHWM`` is the highest RSS of the step: tensors, allocator slack, oneDNN scratch,
+Python objects. Each method runs in its own process, so nothing of another method is counted. Where ``clear_refs`` is
+not writable the lifetime peak (``ru_maxrss``) is used, and the results say so.
 """
 
 from __future__ import annotations
@@ -30,8 +28,8 @@ def peak_rss_mib() -> float:
     kib = proc_field("/proc/self/status", "VmHWM")
     if kib is not None:
         return kib / 1024
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB elsewhere
+    return maxrss / (2**20 if sys.platform == "darwin" else 1024)
 
 
 def rss_mib() -> float:
@@ -66,7 +64,7 @@ def _libc() -> Any:
 
 
 def trim_heap() -> None:
-    """Give free heap memory back to the OS (glibc only; a no-op elsewhere)."""
+    """Give free heap memory back to the OS (``malloc_trim(0)``; glibc only, a no-op elsewhere)."""
     if _libc():
         _libc().malloc_trim(0)
 
@@ -74,10 +72,9 @@ def trim_heap() -> None:
 def fix_allocator_policy() -> bool:
     """Give glibc fixed thresholds, so that every worker allocates the same way whatever it ran before.
 
-    glibc raises its mmap threshold on its own when large blocks are freed (up to 32 MiB on 64-bit) and trims the
-    top of the heap when it exceeds twice that; how far a process has got depends on its history (a worker that ran
-    a training step behaves differently from one that only ran inference). Fixing the threshold at 32 MiB (where a
-    long-running training process ends up anyway) and turning automatic trimming off removes that difference.
+    glibc raises its mmap threshold on its own as large blocks are freed (up to 32 MiB) and trims the heap top past
+    twice that, so a worker that ran a training step behaves unlike one that only ran inference. Fixing the threshold
+    at 32 MiB (where a long training process ends up anyway) with automatic trimming off removes that difference.
     Returns False where this is not glibc.
     """
     libc = _libc()

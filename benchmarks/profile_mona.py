@@ -1,23 +1,16 @@
 """Where Mona's time goes: torch.profiler on one Mona module at ViT-B/16 shapes and on a full ViT-B/16 train step.
 
-Everything here goes through the package's public API: :class:`mona_peft.MonaAdapter` (one Mona module) and its
-``fused`` / ``merge_filters`` flags, ``mona_peft.set_compute``, PEFT's ``disable_adapter()``, and ordinary module
-hooks and ``torch.profiler``; nothing in the package is patched.
+Only the public API: :class:`mona_peft.MonaAdapter` and its ``fused`` / ``merge_filters`` flags, PEFT's
+``disable_adapter()``, module hooks and ``torch.profiler``; nothing in the package is patched.
 
-1. **One module** (a ``MonaAdapter`` at [32, 197, 768], 14x14 grid, bottleneck 64), in both of its forms: the
-   plain-op reference (``fused=False``, what this profile was first made for, and what motivated the fused form) and
-   the default fused form. :func:`staged_forward` runs the adapter's own sub-modules and parameters through the same
-   ops, in the same order, as ``MonaAdapter.forward``, with a ``record_function`` per stage; it is checked to give
-   bit-identical results to ``adapter(x, grid, num_prefix)`` before anything is timed. Every backward node is
-   charged to the stage whose forward op created it (autograd sequence numbers). Each iteration is profiled on its
-   own; tables show the median over iterations.
-2. **Module, plain ops (``fused=False``) vs fused (default)**, interleaved rounds with an A/A pair.
-3. **A full train step** (ViT-B/16, batch 8, Mona, AdamW): forward / backward / optimizer, and Mona's share of each:
-   its compute (ranges opened and closed by forward pre-hooks and hooks on every ``MonaAdapter``) and the glue around
-   it (the aten ops that run in ``mona_peft`` outside the adapters: residual adds, mixed-batch routing; found from the
-   profiler's Python stacks).
-4. **Glue per block call** on a tiny model: the wrapped model against the plain one, with its adapters disabled
-   (``with model.disable_adapter():``), and against its adapters called on their own with the inputs they got.
+1. **One module** ([32, 197, 768], 14x14 grid, bottleneck 64) in its plain-op (``fused=False``) and fused forms:
+   :func:`staged_forward` runs the adapter's own sub-modules through the ops of ``MonaAdapter.forward`` with a
+   ``record_function`` per stage (checked bit-identical first); backward nodes are charged to the stage whose forward
+   op created them (autograd sequence numbers); median over separately profiled iterations.
+2. **Plain ops vs fused**, interleaved rounds with an A/A pair; what autograd saves for backward.
+3. **A full train step** (ViT-B/16, batch 8, Mona, AdamW): Mona's compute (ranges opened by hooks on every adapter)
+   and its glue (aten ops run in ``mona_peft`` outside the adapters, from the profiler's Python stacks).
+4. **Glue per block call** on a tiny model: wrapped vs plain, with adapters disabled, and the adapters alone.
 
     python -m benchmarks.profile_mona           # ~2-5 minutes on 2 cores
     python -m benchmarks.profile_mona --quick   # small shapes (smoke test)
@@ -40,19 +33,7 @@ import torch.nn.functional as F
 from peft import get_peft_model
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from benchmarks.common import (
-    HEAD,
-    MODELS,
-    build_classifier,
-    describe,
-    interleave,
-    load_average,
-    machine_info,
-    mona_config,
-    paired_ratios,
-    per_method,
-    write_results,
-)
+from benchmarks import common
 from mona_peft import MonaAdapter
 from mona_peft.filters import merged_filter, merged_filter_params, reference_filter
 from mona_peft.fused import scaled_norm_down
@@ -70,6 +51,15 @@ STAGE_PROJ = "projector: 1x1 conv + skip, as (W + I)"
 STAGE_GELU = "GELU + dropout"
 STAGE_UP = "up projection (m -> C)"
 STAGE_PREFIX = "zero prefix-token delta"
+COMPUTE_LABEL = "mona: compute"
+GLUE_FORWARD = "mona glue (aten ops in mona_peft outside the adapters): forward"
+GLUE_BACKWARD = "mona glue (aten ops in mona_peft outside the adapters): backward"
+# A Python frame as the profiler names it with with_stack=True: "path/to/file.py(123): function".
+_FRAME = re.compile(r"^(?P<path>.+?\.py)\(\d+\): ")
+# Files of the package that compute Mona itself; any other mona_peft file is glue (hooks, mixed-batch routing).
+_COMPUTE_FILES = ("adapter.py", "fused.py", "filters.py")
+_OTHER_OWNERS = ("transformers", "peft", "benchmarks")
+FB = ("forward_ms", "backward_ms")
 
 
 def stages_of(adapter: MonaAdapter, num_prefix: int) -> tuple[str, ...]:
@@ -160,169 +150,132 @@ def _descendants(event: Any) -> Iterator[Any]:
 
 def _in_backward(event: Any) -> bool:
     parent = event.cpu_parent
-    while parent is not None:
-        if parent.name.startswith(BACKWARD_PREFIX):
-            return True
+    while parent is not None and not parent.name.startswith(BACKWARD_PREFIX):
         parent = parent.cpu_parent
-    return False
+    return parent is not None
 
 
-def _ms(microseconds: float) -> float:
-    return microseconds / 1e3
+def _top_backward(events: list[Any]) -> Iterator[Any]:
+    """The outermost autograd nodes run in backward."""
+    return (e for e in events if e.name.startswith(BACKWARD_PREFIX) and (e.cpu_parent is None or not _in_backward(e)))
 
 
 def attribute(events: list[Any], labels: tuple[str, ...]) -> dict[str, dict[str, float]]:
-    """Forward time of each ``record_function`` label, and backward time of the autograd nodes its ops created."""
-    out = {label: {"forward_ms": 0.0, "backward_ms": 0.0} for label in labels}
+    """Forward ms of each ``record_function`` label, and backward ms of the autograd nodes its ops created."""
+    out = {label: dict.fromkeys(FB, 0.0) for label in labels}
     owner: dict[int, str] = {}
-    for e in events:
-        if e.name in out:
-            out[e.name]["forward_ms"] += _ms(e.cpu_time_total)
-            for d in _descendants(e):
-                if d.sequence_nr >= 0:
-                    owner[d.sequence_nr] = e.name
-    other = 0.0
-    for e in events:
-        if e.name.startswith(BACKWARD_PREFIX) and (e.cpu_parent is None or not _in_backward(e)):
-            label = owner.get(e.sequence_nr)
-            if label is None:
-                other += _ms(e.cpu_time_total)
-            else:
-                out[label]["backward_ms"] += _ms(e.cpu_time_total)
-    out["(backward, not linked: grad accumulation, ...)"] = {"forward_ms": 0.0, "backward_ms": other}
-    return out
+    for e in (e for e in events if e.name in out):
+        out[e.name]["forward_ms"] += e.cpu_time_total / 1e3
+        owner |= {d.sequence_nr: e.name for d in _descendants(e) if d.sequence_nr >= 0}
+    other = {"forward_ms": 0.0, "backward_ms": 0.0}
+    for e in _top_backward(events):
+        out.get(owner.get(e.sequence_nr), other)["backward_ms"] += e.cpu_time_total / 1e3
+    return out | {"(backward, not linked: grad accumulation, ...)": other}
 
 
-def op_table(events: list[Any]) -> dict[str, dict[str, float]]:
-    """Self CPU time per aten op, split into forward and backward."""
+def _self_times(events: list[Any], name_of: Callable[[Any], str | None]) -> dict[str, dict[str, float]]:
+    """Self ms of the ops ``name_of`` names, by that name, split into forward and backward."""
     table: dict[str, dict[str, float]] = {}
     for e in events:
-        if not e.name.startswith("aten::"):
-            continue
-        row = table.setdefault(e.name, {"forward_ms": 0.0, "backward_ms": 0.0, "calls": 0})
-        row["backward_ms" if _in_backward(e) else "forward_ms"] += _ms(e.self_cpu_time_total)
-        row["calls"] += 1
+        if (name := name_of(e)) is not None:
+            row = table.setdefault(name, dict.fromkeys(FB, 0.0))
+            row["backward_ms" if _in_backward(e) else "forward_ms"] += e.self_cpu_time_total / 1e3
     return table
 
 
-def copy_parents(events: list[Any]) -> dict[str, dict[str, float]]:
-    """Self time of ``aten::copy_`` by the op that called it (where layout conversions and casts happen)."""
-    table: dict[str, dict[str, float]] = {}
-    for e in events:
-        if e.name != "aten::copy_":
-            continue
-        parent = e.cpu_parent
-        while parent is not None and parent.name in ("aten::contiguous", "aten::clone", "aten::_to_copy", "aten::to"):
-            parent = parent.cpu_parent
-        name = parent.name if parent is not None else "(top level)"
-        row = table.setdefault(name, {"forward_ms": 0.0, "backward_ms": 0.0})
-        row["backward_ms" if _in_backward(e) else "forward_ms"] += _ms(e.self_cpu_time_total)
-    return table
+def _copy_caller(event: Any) -> str | None:
+    """For ``aten::copy_``: the op that called it, through contiguous/clone/to (where layouts change and casts run)."""
+    if event.name != "aten::copy_":
+        return None
+    parent = event.cpu_parent
+    while parent is not None and parent.name in ("aten::contiguous", "aten::clone", "aten::_to_copy", "aten::to"):
+        parent = parent.cpu_parent
+    return parent.name if parent is not None else "(top level)"
 
 
 def _median_tables(tables: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
     keys = dict.fromkeys(k for t in tables for k in t)
-    return {
-        k: {f: statistics.median(t.get(k, {}).get(f, 0.0) for t in tables) for f in ("forward_ms", "backward_ms")}
-        for k in keys
-    }
+    return {k: {f: statistics.median(t.get(k, {}).get(f, 0.0) for t in tables) for f in FB} for k in keys}
 
 
-def make_adapter(shape: dict[str, int], seed: int = 0, fused: bool = False) -> MonaAdapter:
-    """A Mona module of width ``shape["hidden"]`` and bottleneck ``shape["bottleneck"]`` with non-trivial weights
-    (the official init, whose up projection is not zero)."""
+ModuleCase = tuple[MonaAdapter, torch.Tensor, torch.Tensor, tuple[int, int], int]
+
+
+def module_setup(shape: dict[str, int], seed: int, fused: bool = False) -> ModuleCase:
+    """A Mona module of ``shape`` with non-trivial weights (official init: the up projection is not zero), its input,
+    an output gradient, the grid and the prefix-token count."""
     torch.manual_seed(seed)
     adapter = MonaAdapter(shape["hidden"], bottleneck_dim=shape["bottleneck"], init_weights="official")
-    adapter.fused = fused
-    return adapter
-
-
-def _module_input(shape: dict[str, int], seed: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], int]:
-    grid = (shape["grid"], shape["grid"])
-    generator = torch.Generator().manual_seed(seed)
+    adapter.fused, grid, generator = fused, (shape["grid"], shape["grid"]), torch.Generator().manual_seed(seed)
     x = torch.randn(shape["batch"], shape["prefix"] + grid[0] * grid[1], shape["hidden"], generator=generator)
-    grad = torch.randn(x.shape, generator=generator)
-    return x, grad, grid, shape["prefix"]
+    return adapter, x, torch.randn(x.shape, generator=generator), grid, shape["prefix"]
+
+
+def _pass(forward: Callable[[torch.Tensor], torch.Tensor], module: torch.nn.Module, x: torch.Tensor,
+          grad: torch.Tensor, train: bool) -> Callable[[], None]:  # fmt: skip
+    """A train pass (forward + backward, gradients dropped) or an inference pass of ``forward``."""
+
+    def run() -> None:
+        if train:
+            forward(x.detach().requires_grad_(True)).backward(grad)
+            module.zero_grad(set_to_none=True)
+        else:
+            with torch.no_grad():
+                forward(x)
+
+    return run
 
 
 def module_breakdown(shape: dict[str, int], iterations: int, seed: int, fused: bool = False) -> dict[str, Any]:
     """Per-stage and per-op breakdown of one Mona module (train: forward + backward; inference: forward), in its
-    plain-op form (``fused=False``) or its fused one."""
-    adapter = make_adapter(shape, seed, fused=fused)
-    x, grad, grid, num_prefix = _module_input(shape, seed)
+    plain-op form or its fused one."""
+    adapter, x, grad, grid, num_prefix = module_setup(shape, seed, fused)
     check_staged(adapter, x, grid, num_prefix)  # the instrumented copy computes exactly what the adapter computes
     labels = stages_of(adapter, num_prefix)
-
     result: dict[str, Any] = {"fused": fused, "merge_filters": adapter.merge_filters}
     for mode in ("train", "inference"):
         adapter.train(mode == "train")
-
-        def run(mode: str = mode) -> None:
-            if mode == "train":
-                xi = x.detach().requires_grad_(True)
-                staged_forward(adapter, xi, grid, num_prefix).backward(grad)
-                adapter.zero_grad(set_to_none=True)
-            else:
-                with torch.inference_mode():
-                    staged_forward(adapter, x, grid, num_prefix)
-
-        for _ in range(2):
-            run()
-        stages, ops, copies, totals = [], [], [], []
+        run = _pass(lambda v: staged_forward(adapter, v, grid, num_prefix), adapter, x, grad, mode == "train")
+        run(), run()
+        found: dict[str, list[Any]] = {"stages": [], "ops": [], "copies": [], "totals": []}
         for _ in range(iterations):
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 start = time.perf_counter()
                 run()
-                totals.append((time.perf_counter() - start) * 1e3)
+                found["totals"].append((time.perf_counter() - start) * 1e3)
             events = list(prof.events())
-            stages.append(attribute(events, labels))
-            ops.append(op_table(events))
-            copies.append(copy_parents(events))
-        op_median = _median_tables(ops)
-        top = sorted(op_median.items(), key=lambda kv: -(kv[1]["forward_ms"] + kv[1]["backward_ms"]))[:14]
-        result[mode] = {
-            "total_ms": describe(totals),
-            "stages": _median_tables(stages),
-            "top_ops": dict(top),
-            "copy_parents": _median_tables(copies),
-        }
+            found["stages"].append(attribute(events, labels))
+            found["ops"].append(_self_times(events, lambda e: e.name if e.name.startswith("aten::") else None))
+            found["copies"].append(_self_times(events, _copy_caller))
+        ops = _median_tables(found["ops"])
+        top = sorted(ops.items(), key=lambda kv: -(kv[1]["forward_ms"] + kv[1]["backward_ms"]))[:14]
+        result[mode] = {"total_ms": common.describe(found["totals"]), "stages": _median_tables(found["stages"])}
+        result[mode] |= {"top_ops": dict(top), "copy_parents": _median_tables(found["copies"])}
     return result
-
-
-# ------------------------------------------------------------------------------------------- unfused vs fused
 
 
 def module_comparison(shape: dict[str, int], rounds: int, inner: int, seed: int) -> dict[str, Any]:
     """Interleaved timing of one Mona module: plain ops (``fused=False``), its A/A twin (the same module again), and
-    the fused form (a copy of the module, same weights, ``fused=True``)."""
-    unfused = make_adapter(shape, seed, fused=False)
+    the fused form (a copy, same weights, ``fused=True``); and what autograd saves for backward in each form."""
+    unfused, x, grad, grid, num_prefix = module_setup(shape, seed)
     fused = copy.deepcopy(unfused)
-    fused.fused = True
-    x, grad, grid, num_prefix = _module_input(shape, seed)
-    variants: dict[str, MonaAdapter] = {"unfused": unfused, "unfused_twin": unfused, "fused": fused}
-    rng = random.Random(seed)
+    fused.fused, rng = True, random.Random(seed)
+    variants = {"unfused": unfused, "unfused_twin": unfused, "fused": fused}
     result: dict[str, Any] = {"shape": shape, "rounds": rounds, "calls_per_measurement": inner}
     for mode in ("train", "inference"):
-        for adapter in variants.values():
+        calls = {}
+        for name, adapter in variants.items():
             adapter.train(mode == "train")
-
-        def run(adapter: MonaAdapter, mode: str = mode) -> None:
-            if mode == "train":
-                adapter(x.detach().requires_grad_(True), grid, num_prefix).backward(grad)
-                adapter.zero_grad(set_to_none=True)
-            else:
-                with torch.no_grad():
-                    adapter(x, grid, num_prefix)
-
-        calls = {name: (lambda adapter=adapter, run=run: run(adapter)) for name, adapter in variants.items()}
-        records = interleave(calls, rounds, inner, rng)
-        pairs = {"fused/unfused": ("fused", "unfused"), "unfused_twin/unfused": ("unfused_twin", "unfused")}
-        ratios = {name: paired_ratios(records, *pair, "ms") for name, pair in pairs.items()}
-        result[mode] = {"ms": per_method(records), "ratios": ratios}
-    result["saved_for_backward_mib"] = {
-        name: saved_tensor_mib(lambda adapter=adapter: adapter(x.detach().requires_grad_(True), grid, num_prefix))
-        for name, adapter in (("unfused", unfused), ("fused", fused))
-    }
+            calls[name] = _pass(lambda v, a=adapter: a(v, grid, num_prefix), adapter, x, grad, mode == "train")
+        records = common.interleave(calls, rounds, inner, rng)
+        result[mode] = {
+            "ms": common.per_method(records),
+            "ratios": common.ratios(records, ["fused/unfused", "unfused_twin/unfused"]),
+        }
+    saved = {}
+    for name, adapter in (("unfused", unfused), ("fused", fused)):
+        saved[name] = saved_tensor_mib(lambda a=adapter: a(x.detach().requires_grad_(True), grid, num_prefix))
+    result["saved_for_backward_mib"] = saved
     return result
 
 
@@ -332,19 +285,17 @@ def saved_tensor_mib(run: Callable[[], torch.Tensor]) -> float:
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         if not isinstance(t, torch.nn.Parameter):
-            storage = t.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = run()
-    del out
+        run()
     return sum(storages.values()) / 2**20
 
 
 def filter_variants(shape: dict[str, int], rounds: int, inner: int, seed: int) -> dict[str, Any]:
-    """The filter alone in eval (no grad): merged as in src (kernel merged every call) vs merged with a cached kernel
-    vs three convs, to size the kernel-cache idea."""
+    """The filter alone in eval (no grad): merged as in src (kernel merged every call), merged with a cached kernel,
+    three convs; to size the kernel-cache idea."""
     torch.manual_seed(seed)
     b, m, g = shape["batch"], shape["bottleneck"], shape["grid"]
     image = torch.randn(b, 1 + g * g, m)[:, 1:].transpose(1, 2).reshape(b, m, g, g)
@@ -352,59 +303,37 @@ def filter_variants(shape: dict[str, int], rounds: int, inner: int, seed: int) -
     weights, biases = [c.weight for c in convs], [c.bias for c in convs]
     with torch.no_grad():
         kernel, bias = merged_filter_params(weights, biases)
-        variants = {
-            "merged (src)": lambda: merged_filter(image, weights, biases),
-            "merged, cached kernel": lambda: F.conv2d(image, kernel, bias, padding=3, groups=m),
-            "three convs (reference)": lambda: reference_filter(image, weights, biases),
-        }
-        records = interleave(variants, rounds, inner, random.Random(seed))
-    ratios = {
-        "cached/src": paired_ratios(records, "merged, cached kernel", "merged (src)", "ms"),
-        "reference/src": paired_ratios(records, "three convs (reference)", "merged (src)", "ms"),
-    }
-    return {"shape": shape, "ms": per_method(records), "ratios": ratios}
+        variants = {"merged (src)": lambda: merged_filter(image, weights, biases),
+                    "merged, cached kernel": lambda: F.conv2d(image, kernel, bias, padding=3, groups=m),
+                    "three convs (reference)": lambda: reference_filter(image, weights, biases)}  # fmt: skip
+        records = common.interleave(variants, rounds, inner, random.Random(seed))
+    pairs = (("cached/src", "merged, cached kernel"), ("reference/src", "three convs (reference)"))
+    ratios = {name: common.paired_ratios(records, variant, "merged (src)", "ms") for name, variant in pairs}
+    return {"shape": shape, "ms": common.per_method(records), "ratios": ratios}
 
 
 # ---------------------------------------------------------------------------------------------- a full train step
 
 
-COMPUTE_LABEL = "mona: compute"
-GLUE_FORWARD = "mona glue (aten ops in mona_peft outside the adapters): forward"
-GLUE_BACKWARD = "mona glue (aten ops in mona_peft outside the adapters): backward"
-# A Python frame as the profiler names it with with_stack=True: "path/to/file.py(123): function".
-_FRAME = re.compile(r"^(?P<path>.+?\.py)\(\d+\): ")
-# Files of the package that compute Mona itself; any other mona_peft file is glue (the tuner layer's hooks, the
-# model's forward hooks for mixed batches, ...).
-_COMPUTE_FILES = ("adapter.py", "fused.py", "filters.py")
-_OTHER_OWNERS = ("transformers", "peft", "benchmarks")
-
-
 def label_adapters(model: torch.nn.Module, label: str = COMPUTE_LABEL) -> list[Any]:
-    """Open a ``record_function(label)`` range when a ``MonaAdapter`` of ``model`` starts its forward and close it
-    when it returns (ordinary forward pre-hooks and hooks); returns the hook handles (``.remove()`` them after)."""
+    """Open a ``record_function(label)`` range when a ``MonaAdapter`` of ``model`` starts its forward and close it when
+    it returns (forward pre-hooks and hooks); returns the hook handles."""
     handles = []
-    for module in model.modules():
-        if isinstance(module, MonaAdapter):
-            ranges: list[Any] = []
-
-            def enter(_module: Any, _args: Any, ranges: list[Any] = ranges) -> None:
-                ranges.append(record_function(label).__enter__())
-
-            def leave(_module: Any, _args: Any, _output: Any, ranges: list[Any] = ranges) -> None:
-                ranges.pop().__exit__(None, None, None)
-
-            handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    for module in (m for m in model.modules() if isinstance(m, MonaAdapter)):
+        ranges: list[Any] = []
+        handles.append(
+            module.register_forward_pre_hook(lambda *_, r=ranges: r.append(record_function(label).__enter__()))
+        )
+        handles.append(module.register_forward_hook(lambda *_, r=ranges: r.pop().__exit__(None, None, None)))
     return handles
 
 
 def owner_of(event: Any) -> str | None:
-    """Who called an op, from the profiler's Python stack: the nearest enclosing frame of mona_peft, transformers,
-    peft or the benchmarks (frames of torch and the standard library are looked through). ``"compute"``: mona_peft's
-    adapter, fused function or filters; ``"glue"``: any other mona_peft file; ``None``: anything else."""
+    """Who called an op, from the profiler's Python stack: the nearest frame of mona_peft, transformers, peft or the
+    benchmarks. ``"compute"``: mona_peft's adapter, fused function or filters; ``"glue"``: any other mona_peft file."""
     parent = event.cpu_parent
     while parent is not None:
-        match = _FRAME.match(parent.name)
-        if match:
+        if match := _FRAME.match(parent.name):
             path = "/" + match["path"].replace("\\", "/")
             if "/mona_peft/" in path:
                 return "compute" if path.rsplit("/", 1)[-1] in _COMPUTE_FILES else "glue"
@@ -416,37 +345,22 @@ def owner_of(event: Any) -> str | None:
 
 def glue_times(events: list[Any]) -> tuple[float, float]:
     """Forward and backward ms of the glue: top-level aten ops called from mona_peft outside the adapters, and the
-    backward nodes those ops created."""
-    forward = 0.0
-    owned: set[int] = set()
+    backward nodes they created."""
+    forward, owned = 0.0, set()
     for e in events:
-        if not e.name.startswith("aten::") or _in_backward(e):
-            continue
-        if e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"):
-            continue  # counted with its caller
-        if owner_of(e) != "glue":
-            continue
-        forward += _ms(e.cpu_time_total)
-        owned.update(d.sequence_nr for d in (e, *_descendants(e)) if d.sequence_nr >= 0)
-    backward = sum(
-        _ms(e.cpu_time_total)
-        for e in events
-        if e.name.startswith(BACKWARD_PREFIX) and e.sequence_nr in owned and not _in_backward(e)
-    )
-    return forward, backward
+        nested = e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")  # counted with its caller
+        if e.name.startswith("aten::") and not nested and not _in_backward(e) and owner_of(e) == "glue":
+            forward += e.cpu_time_total / 1e3
+            owned |= {d.sequence_nr for d in (e, *_descendants(e)) if d.sequence_nr >= 0}
+    return forward, sum(e.cpu_time_total / 1e3 for e in _top_backward(events) if e.sequence_nr in owned)
 
 
 def train_step_breakdown(model_key: str, batch: int, iterations: int, seed: int) -> dict[str, Any]:
-    """Profile a Mona train step: forward, backward, optimizer; Mona's compute and glue within them.
-
-    Compute: ``record_function`` ranges opened and closed by hooks on every ``MonaAdapter`` (backward charged through
-    autograd sequence numbers, as for the stages). Glue: the profiler's Python stacks (``with_stack=True``) say which
-    aten ops ran in mona_peft outside the adapters. The profiler's Python tracing slows the step a little; the
-    shares are what this section is for, the step's time is in docs/benchmarks.md.
-    """
-    spec = MODELS[model_key]
+    """Profile a Mona train step (forward, backward, optimizer) and Mona's compute and glue within it. The profiler's
+    Python tracing slows the step a little: the shares are the point, the step's time is in docs/benchmarks.md."""
+    spec = common.MODELS[model_key]
     torch.manual_seed(seed)
-    model = get_peft_model(build_classifier(spec), mona_config(modules_to_save=[HEAD])).train()
+    model = get_peft_model(common.build_classifier(spec), common.mona_config(modules_to_save=[common.HEAD])).train()
     handles = label_adapters(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     generator = torch.Generator().manual_seed(seed)
@@ -469,28 +383,20 @@ def train_step_breakdown(model_key: str, batch: int, iterations: int, seed: int)
             with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
                 start = time.perf_counter()
                 step()
-                wall = (time.perf_counter() - start) * 1e3
+                row = {"wall_ms": (time.perf_counter() - start) * 1e3}
             events = list(prof.events())
-            row = {"wall_ms": wall}
-            for e in events:
-                if e.name.startswith("step: "):
-                    row[e.name] = _ms(e.cpu_time_total)
+            row |= {e.name: e.cpu_time_total / 1e3 for e in events if e.name.startswith("step: ")}
             compute = attribute(events, (COMPUTE_LABEL,))[COMPUTE_LABEL]
-            row["mona compute: forward"] = compute["forward_ms"]
-            row["mona compute: backward"] = compute["backward_ms"]
+            row |= {"mona compute: forward": compute["forward_ms"], "mona compute: backward": compute["backward_ms"]}
             row[GLUE_FORWARD], row[GLUE_BACKWARD] = glue_times(events)
             rows.append(row)
     finally:
         for handle in handles:
             handle.remove()
     keys = dict.fromkeys(k for r in rows for k in r)
-    return {
-        "model": spec.name,
-        "batch": batch,
-        "iterations": iterations,
-        "adapters": sum(isinstance(m, MonaAdapter) for m in model.modules()),
-        "median_ms": {k: statistics.median(r.get(k, 0.0) for r in rows) for k in keys},
-    }
+    found = {"model": spec.name, "batch": batch, "iterations": iterations}
+    found["adapters"] = sum(isinstance(m, MonaAdapter) for m in model.modules())
+    return found | {"median_ms": {k: statistics.median(r.get(k, 0.0) for r in rows) for k in keys}}
 
 
 # ------------------------------------------------------------------------------------------- arithmetic and ops
@@ -499,41 +405,35 @@ def train_step_breakdown(model_key: str, batch: int, iterations: int, seed: int)
 def flop_bounds(model_key: str, bottleneck: int = 64, lora_rank: int = 16) -> dict[str, Any]:
     """Multiply-adds per image of the backbone's blocks, of Mona and of LoRA r=16 q/v, and the ratios they imply.
 
-    Counts the matmuls and convs only (what no implementation can avoid); elementwise work, norms and attention
-    softmax are left out. Training: the frozen backbone runs forward + input gradients (2x forward), the adapters
-    forward + input and weight gradients (3x), full fine-tuning 3x the backbone.
+    Matmuls and convs only (what no implementation avoids). Training: the frozen backbone runs forward + input
+    gradients (2x forward), the adapters forward + input and weight gradients (3x), full fine-tuning 3x the backbone.
     """
-    config = MODELS[model_key].config()
-    if MODELS[model_key].family == "swin":
+    config, spec = common.MODELS[model_key].config(), common.MODELS[model_key]
+    if spec.family == "swin":
         side = config.image_size // config.patch_size
-        stages = []
-        for i, depth in enumerate(config.depths):
-            width, grid = config.embed_dim * 2**i, side // 2**i
-            stages.append((width, grid * grid, depth, config.window_size**2))
+        stages = [(config.embed_dim * 2**i, (side // 2**i) ** 2, depth, config.window_size**2)
+                  for i, depth in enumerate(config.depths)]  # fmt: skip
     else:
-        grid = config.image_size // config.patch_size
-        tokens = grid * grid + 1
+        tokens = (config.image_size // config.patch_size) ** 2 + 1
         stages = [(config.hidden_size, tokens, config.num_hidden_layers, tokens)]
     backbone = mona = lora = 0
     per_stage = []
     for width, tokens, depth, attended in stages:
         block = 12 * width * width + 2 * attended * width  # q, k, v, o + 4x MLP; scores and weighted sum
         adapter = 2 * (2 * width * bottleneck + bottleneck * bottleneck + 49 * bottleneck)  # two Monas, merged 7x7
-        low_rank = 2 * 2 * width * lora_rank  # A and B on q and v
-        backbone += tokens * depth * block
-        mona += tokens * depth * adapter
-        lora += tokens * depth * low_rank
+        backbone, mona = backbone + tokens * depth * block, mona + tokens * depth * adapter
+        lora += tokens * depth * 2 * 2 * width * lora_rank  # A and B on q and v
         per_stage.append({"width": width, "tokens": tokens, "blocks": depth, "mona_share_of_block": adapter / block})
-    return {
-        "model": MODELS[model_key].name,
+    found = {
+        "model": spec.name,
         "backbone_block_macs": backbone,
         "mona_macs": mona,
         "lora_macs": lora,
         "stages": per_stage,
-        "bound_inference_mona_over_frozen": (backbone + mona) / backbone,
-        "bound_train_mona_over_lora": (2 * backbone + 3 * mona) / (2 * backbone + 3 * lora),
-        "bound_train_mona_over_full": (2 * backbone + 3 * mona) / (3 * backbone),
     }
+    found |= {"bound_inference_mona_over_frozen": (backbone + mona) / backbone}
+    found |= {"bound_train_mona_over_lora": (2 * backbone + 3 * mona) / (2 * backbone + 3 * lora)}
+    return found | {"bound_train_mona_over_full": (2 * backbone + 3 * mona) / (3 * backbone)}
 
 
 def op_costs(rounds: int, inner: int, seed: int) -> dict[str, Any]:
@@ -551,75 +451,61 @@ def op_costs(rounds: int, inner: int, seed: int) -> dict[str, Any]:
         "linear C -> 128": lambda: F.linear(x, down2),
     }
     with torch.no_grad():
-        records = interleave(ops, rounds, inner, random.Random(seed))
-    return {"shape": [32, 197, 768], "ms": per_method(records)}
-
-
-# ------------------------------------------------------------------------------------------------- hook overhead
+        return {
+            "shape": [32, 197, 768],
+            "ms": common.per_method(common.interleave(ops, rounds, inner, random.Random(seed))),
+        }
 
 
 def hook_overhead(rounds: int, inner: int, seed: int) -> dict[str, Any]:
-    """Cost of Mona's glue per block call: a 12-block tiny ViT, plain; wrapped with its adapters disabled
-    (``disable_adapter()``); wrapped with Mona; and its Mona modules alone, called on the inputs they got in a
-    wrapped forward (captured once with forward hooks). Glue per block = (Mona - plain - modules alone) / blocks;
-    an idle wrapper per block = (disabled - plain) / blocks."""
+    """Cost of Mona's glue per block call on a 12-block tiny ViT: plain; wrapped with its adapters disabled
+    (``disable_adapter()``); wrapped with Mona; its Mona modules alone, on the inputs they got in a wrapped forward
+    (captured with forward hooks). Glue per block = (Mona - plain - modules alone) / blocks; an idle wrapper per
+    block = (disabled - plain) / blocks."""
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(seed)
-    config = ViTConfig(
-        hidden_size=32, num_hidden_layers=12, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
-    )
+    sizes = dict(hidden_size=32, num_hidden_layers=12, num_attention_heads=2, intermediate_size=64)
+    config = ViTConfig(**sizes, image_size=32, patch_size=8)
     plain = ViTForImageClassification(config).eval()
-    wrapped = get_peft_model(ViTForImageClassification(config), mona_config(bottleneck_dim=8)).eval()
-    pixels = torch.randn(1, 3, 32, 32)
-
-    calls: list[tuple[MonaAdapter, tuple[Any, ...], dict[str, Any]]] = []
+    wrapped = get_peft_model(ViTForImageClassification(config), common.mona_config(bottleneck_dim=8)).eval()
+    pixels, calls = torch.randn(1, 3, 32, 32), []
 
     def capture(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], _output: Any) -> None:
         calls.append((module, tuple(a.clone() if torch.is_tensor(a) else a for a in args), dict(kwargs)))
 
-    adapters = [m for m in wrapped.modules() if isinstance(m, MonaAdapter)]
-    handles = [m.register_forward_hook(capture, with_kwargs=True) for m in adapters]
+    handles = [
+        m.register_forward_hook(capture, with_kwargs=True) for m in wrapped.modules() if isinstance(m, MonaAdapter)
+    ]
     with torch.no_grad():
         wrapped(pixel_values=pixels)
     for handle in handles:
         handle.remove()
-
-    def forward(model: Any) -> None:
-        model(pixel_values=pixels)
-
-    def alone() -> None:
-        for module, args, kwargs in calls:
-            module(*args, **kwargs)
-
-    variants = {
-        "plain": lambda: forward(plain),
-        "wrapped, adapters disabled": lambda: forward(wrapped),
-        "mona": lambda: forward(wrapped),
-        "mona modules alone": alone,
-    }
+    forward = {"plain": plain, "wrapped, adapters disabled": wrapped, "mona": wrapped}
+    variants = {name: (lambda m=m: m(pixel_values=pixels)) for name, m in forward.items()}
+    variants["mona modules alone"] = lambda: [m(*a, **k) for m, a, k in calls]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # microsecond-scale work: keep OpenMP barriers (and other processes) out of it
     try:
         with torch.no_grad():  # the disabled wrapper's context is entered around its timed calls, outside the timer
-            contexts = {"wrapped, adapters disabled": wrapped.disable_adapter}
-            records = interleave(variants, rounds, inner, random.Random(seed), contexts)
+            records = common.interleave(
+                variants, rounds, inner, random.Random(seed), {"wrapped, adapters disabled": wrapped.disable_adapter}
+            )
     finally:
         torch.set_num_threads(threads)
     for record in records:
         record["us"] = record.pop("ms") * 1e3
-    blocks = config.num_hidden_layers
-    by_round: dict[int, dict[str, float]] = {}
-    for x in records:
-        by_round.setdefault(x["round"], {})[x["method"]] = x["us"]
+    blocks, by_round = config.num_hidden_layers, {}
+    for r in records:
+        by_round.setdefault(r["round"], {})[r["method"]] = r["us"]
     glue = [(row["mona"] - row["plain"] - row["mona modules alone"]) / blocks for row in by_round.values()]
     idle = [(row["wrapped, adapters disabled"] - row["plain"]) / blocks for row in by_round.values()]
-    return {
-        "model": f"tiny ViT, {blocks} blocks, hidden 32, 17 tokens, batch 1, no grad, 1 thread",
-        "mona_modules_per_forward": len(calls),
-        "us_per_forward": {name: per_method(records, "us")[name] for name in variants},
-        "glue_us_per_block_call": describe(glue),
-        "idle_wrapper_us_per_block_call": describe(idle),
+    found = {"model": f"tiny ViT, {blocks} blocks, hidden 32, 17 tokens, batch 1, no grad, 1 thread"}
+    us = common.per_method(records, "us")
+    found |= {"mona_modules_per_forward": len(calls), "us_per_forward": {name: us[name] for name in variants}}
+    return found | {
+        "glue_us_per_block_call": common.describe(glue),
+        "idle_wrapper_us_per_block_call": common.describe(idle),
     }
 
 
@@ -627,6 +513,7 @@ def hook_overhead(rounds: int, inner: int, seed: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Profile, and write ``profile.json`` (``profile_quick.json`` with ``--quick``); returns what it wrote."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes and few iterations (smoke test)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
@@ -634,48 +521,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--name", default=None, help="results file name (default profile, or profile_quick)")
     parser.add_argument("--results-dir", type=Path, default=None)
     args = parser.parse_args(argv)
-    threads_before = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        return _run(args)
-    finally:
-        torch.set_num_threads(threads_before)  # main() also runs in-process (tests): leave the thread count as found
-
-
-def _run(args: argparse.Namespace) -> dict[str, Any]:
-    started = time.perf_counter()
+    threads_before, started, seed = torch.get_num_threads(), time.perf_counter(), args.seed
+    torch.set_num_threads(args.threads or threads_before)
     if args.quick:
-        shape = dict(batch=2, prefix=1, grid=4, hidden=32, bottleneck=8)
-        swin_shape = dict(batch=2, prefix=0, grid=8, hidden=16, bottleneck=8)
+        shape, swin_shape = (
+            dict(batch=2, prefix=1, grid=4, hidden=32, bottleneck=8),
+            dict(batch=2, prefix=0, grid=8, hidden=16, bottleneck=8),
+        )
         iters, rounds, inner, step_model, step_batch, step_iters = 2, 3, 2, "tiny-vit", 2, 1
     else:
-        shape = dict(batch=32, prefix=1, grid=14, hidden=768, bottleneck=64)
-        swin_shape = dict(batch=32, prefix=0, grid=56, hidden=96, bottleneck=64)
+        shape, swin_shape = (
+            dict(batch=32, prefix=1, grid=14, hidden=768, bottleneck=64),
+            dict(batch=32, prefix=0, grid=56, hidden=96, bottleneck=64),
+        )
         iters, rounds, inner, step_model, step_batch, step_iters = 7, 11, 3, "vit-b", 8, 3
-    payload: dict[str, Any] = {"benchmark": "profile", "quick": args.quick, "machine": machine_info()}
-    print("module breakdown ...", flush=True)
-    payload["module"] = {"shape": shape, "iterations": iters, **module_breakdown(shape, iters, args.seed)}
-    payload["module_fused"] = {
-        "shape": shape,
-        "iterations": iters,
-        **module_breakdown(shape, iters, args.seed, fused=True),
-    }
-    print("unfused vs fused ...", flush=True)
-    payload["fused_module"] = {
-        "vit-b": module_comparison(shape, rounds, inner, args.seed),
-        "swin-t stage 1": module_comparison(swin_shape, rounds, inner, args.seed),
-    }
-    payload["filter_variants"] = filter_variants(shape, rounds, inner * 3, args.seed)
-    payload["op_costs"] = op_costs(max(3, rounds // 2), inner * 2, args.seed)
-    payload["flops"] = {key: flop_bounds(key) for key in ("vit-b", "swin-t")}
-    print("train step ...", flush=True)
-    payload["train_step"] = train_step_breakdown(step_model, step_batch, step_iters, args.seed)
-    print("hook overhead ...", flush=True)
-    payload["hooks"] = hook_overhead(rounds * 2, inner * 10, args.seed)
-    payload["load_average_at_end"] = load_average()
-    payload["seconds"] = round(time.perf_counter() - started, 1)
-    path = write_results(args.name or ("profile_quick" if args.quick else "profile"), payload, args.results_dir)
+    payload: dict[str, Any] = {"benchmark": "profile", "quick": args.quick, "machine": common.machine_info()}
+    try:  # main() also runs in-process (tests): the thread count is given back as found
+        print("module breakdown ...", flush=True)
+        for key, fused in (("module", False), ("module_fused", True)):
+            payload[key] = {"shape": shape, "iterations": iters, **module_breakdown(shape, iters, seed, fused)}
+        print("unfused vs fused ...", flush=True)
+        payload["fused_module"] = {"vit-b": module_comparison(shape, rounds, inner, seed),
+                                   "swin-t stage 1": module_comparison(swin_shape, rounds, inner, seed)}  # fmt: skip
+        payload["filter_variants"] = filter_variants(shape, rounds, inner * 3, seed)
+        payload["op_costs"] = op_costs(max(3, rounds // 2), inner * 2, seed)
+        payload["flops"] = {key: flop_bounds(key) for key in ("vit-b", "swin-t")}
+        print("train step ...", flush=True)
+        payload["train_step"] = train_step_breakdown(step_model, step_batch, step_iters, seed)
+        print("hook overhead ...", flush=True)
+        payload["hooks"] = hook_overhead(rounds * 2, inner * 10, seed)
+    finally:
+        torch.set_num_threads(threads_before)
+    payload |= {"load_average_at_end": common.load_average(), "seconds": round(time.perf_counter() - started, 1)}
+    path = common.write_results(args.name or ("profile_quick" if args.quick else "profile"), payload, args.results_dir)
     print(f"wrote {path} in {payload['seconds']} s")
     return payload
 

@@ -1,38 +1,18 @@
 """Training-step time, peak memory and inference latency of Mona next to the frozen backbone, full fine-tuning and
-LoRA, all in one run; plus the depthwise filter alone (merged vs three convs).
+LoRA, in one run; plus the depthwise filter alone (merged vs three convs). docs/benchmarks.md explains the method.
 
-Methods (``--methods``): ``frozen``, ``full``, ``lora``; ``mona`` (the package as it is, default compute);
-``mona_twin`` (the same again: the A/A pair); ``mona_unfused`` and ``mona_ref``, the same model after
-``mona_peft.set_compute(model, fused=False)`` (plain-op scaled norm + down projection) and
-``set_compute(model, merge_filters=False)`` (three separate depthwise convs), the reference forms kept in the package;
-``mona_single`` and ``mona_mixed``, inference only, a model with two Mona adapters: the batch on one of them
-(``set_adapter``) and the same batch split half and half between them (``model(..., adapter_names=[...])``), the
-cost of a mixed-adapter batch. ``--baseline-rev REV`` adds ``mona_before``: Mona as the package was at git revision
-REV (its ``src/`` extracted with ``git archive`` into a temporary directory and imported by a worker started as a
-fresh interpreter with that directory first on ``sys.path``), measured in the same interleaved rounds as the rest.
-
-How it measures (so that a noisy, shared machine still gives comparable numbers):
-
-* every method lives in its own worker process (forked once per model, after the imports; ``mona_before``'s is a
-  fresh interpreter, since two versions of the package cannot share one process) and keeps its model,
-  optimizer and inputs; the coordinator asks the workers for one measurement at a time, so only one runs at once;
-* rounds are interleaved: in each round every method is measured once, in a fresh random order; results are reported
-  as medians over rounds, and comparisons as the median of the per-round ratios (paired), with their min-max spread;
-* an A/A pair, Mona in two independent workers (``mona`` and ``mona_twin``), shows the noise floor of every metric;
-* a train step is forward + backward + ``AdamW.step()`` + ``zero_grad()``, in train mode (Mona's dropout on); inference
-  is one forward in eval mode under ``torch.inference_mode()``; models are randomly initialised from their configs;
-* every worker gets the same fixed glibc allocator thresholds (:func:`benchmarks.memory.fix_allocator_policy`), so
-  none allocates differently because of what it ran before;
-* timed steps run on a *steady* heap (left warm by the previous step, as in a training loop) whenever all workers
-  can hold their peak memory at once; otherwise (large batches) each step starts from a *trimmed* heap and gives its
-  memory back after, and then pays the page faults for everything it touches; the mode is recorded per config;
-* peak memory is measured on the same steps, per process (see :mod:`benchmarks.memory`): with a steady heap it is
-  the process's resident peak in a training loop, with a trimmed heap the step's own peak;
-* each worker first runs one untimed warm-up train step and inference at the first batch size.
+Methods: frozen, full, lora; mona (the package as it is); mona_twin (the same again: the A/A pair, the noise floor);
+mona_unfused / mona_ref (after ``set_compute(model, fused=False)`` / ``set_compute(model, merge_filters=False)``);
+mona_single / mona_mixed (inference on a model with two adapters: the batch on one, or split half and half with
+``adapter_names``); mona_before (``--baseline-rev REV``: ``src/`` of that revision, extracted with ``git archive``,
+in a worker that is a fresh interpreter). Every method lives in its own worker process; one worker runs at a time, in
+interleaved rounds (every method once per round, in a fresh random order); comparisons are medians of per-round
+ratios. Each worker gets the same fixed glibc allocator thresholds; timed steps run on steady (warm) heaps when all
+workers fit in memory at once, else on trimmed ones.
 
     python -m benchmarks.speed                 # ViT-B/16 and Swin-T at 224 px, batch 8, 32 (~30-35 min, 2 idle cores)
     python -m benchmarks.speed --baseline-rev d706065   # ... and the code of that revision as method mona_before
-    python -m benchmarks.speed --quick         # tiny models, batch 2, two rounds (smoke test, seconds)
+    python -m benchmarks.speed --quick         # tiny models, batch 2, two rounds (smoke test)
     python -m benchmarks.speed --device cuda   # bf16 autocast + torch.compile variants (untested: no GPU here)
 """
 
@@ -55,7 +35,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import peft  # noqa: F401  (imported before forking so that the workers share it)
+import peft  # imported before forking so that the workers share it
 import torch
 import torch.nn.functional as F
 import transformers  # noqa: F401
@@ -75,8 +55,8 @@ from benchmarks.common import (
     lora_config,
     machine_info,
     mona_config,
-    paired_ratios,
     per_method,
+    ratios,
     total_memory_gib,
     write_results,
 )
@@ -89,41 +69,26 @@ METHOD_LABELS = {
     "mona_ref": "Mona, three separate convs (merge_filters=False)",
     "mona_twin": "Mona, second copy (A/A)",
     "mona_unfused": "Mona, plain-op norm + down (fused=False)",
-    "mona_before": "Mona before (baseline revision)",  # the revision is added to the label at run time
+    "mona_before": "Mona before (baseline revision)",  # the revision goes into the label at run time
     "mona_single": "Mona, 2 adapters, batch on one",
     "mona_mixed": "Mona, 2 adapters, mixed batch (half each)",
 }
 TRAIN_METHODS = ("full", "lora", "mona", "mona_ref", "mona_twin", "mona_unfused", "mona_before")
 INFERENCE_METHODS = tuple(m for m in METHOD_LABELS if m != "full")
-DEFAULT_METHODS = tuple(m for m in METHOD_LABELS if m != "mona_before")
-# The two adapters of mona_single / mona_mixed; the mixed batch is the first half on one, the second half on the other.
-# (Not "a"/"b": PEFT warns about adapter names contained in the parameter prefix "mona_".)
+# Not "a"/"b": PEFT warns about adapter names contained in the parameter prefix "mona_".
 MIXED_ADAPTERS = ("first", "second")
 NUM_LABELS = 1000
 STAT_KEYS = ("seconds", "cpu_seconds", "peak_mib", "step_mib", "cpu_util")
-
-# "numerator/denominator" pairs reported as per-round ratios; a pair is skipped when a method was not run.
+# "numerator/denominator" pairs reported as per-round ratios (when both methods ran).
 TIME_PAIRS = {
-    "train": str.split(
-        "mona/lora mona/full lora/full mona/mona_ref mona_twin/mona mona/mona_unfused mona_unfused/lora "
-        "mona_unfused/full mona/mona_before mona_before/lora mona_before/full"
-    ),
-    "inference": str.split(
-        "mona/frozen lora/frozen mona/mona_ref mona_twin/mona mona/mona_unfused mona_unfused/frozen "
-        "mona/mona_before mona_before/frozen mona_mixed/mona_single mona_single/mona mona_mixed/frozen"
-    ),
-}
-MEMORY_PAIRS = str.split(
-    "mona/lora mona/full lora/full mona/mona_ref mona_twin/mona mona/mona_unfused mona_unfused/lora mona/mona_before "
-    "mona_before/lora"
-)
-
-
-def ratios(records: list[dict], pairs: list[str], key: str) -> dict[str, dict]:
-    """The paired ratios of ``pairs`` (``"num/den"``) on ``key`` that both methods were measured for."""
-    found = {pair: paired_ratios(records, *pair.split("/"), key) for pair in pairs}
-    return {pair: r for pair, r in found.items() if r is not None}
-
+    "train": ["mona/lora", "mona/full", "lora/full", "mona/mona_ref", "mona_twin/mona", "mona/mona_unfused",
+              "mona_unfused/lora", "mona_unfused/full", "mona/mona_before", "mona_before/lora", "mona_before/full"],
+    "inference": ["mona/frozen", "lora/frozen", "mona/mona_ref", "mona_twin/mona", "mona/mona_unfused",
+                  "mona_unfused/frozen", "mona/mona_before", "mona_before/frozen", "mona_mixed/mona_single",
+                  "mona_single/mona", "mona_mixed/frozen"],
+}  # fmt: skip
+MEMORY_PAIRS = "mona/lora mona/full lora/full mona/mona_ref mona_twin/mona mona/mona_unfused mona_unfused/lora "
+MEMORY_PAIRS = (MEMORY_PAIRS + "mona/mona_before mona_before/lora").split()
 
 # ---------------------------------------------------------------------------------------------------------- worker
 
@@ -133,30 +98,23 @@ class MethodBench:
 
     def __init__(self, model_key: str, method: str, device: str, seed: int) -> None:
         base, _, variant = method.partition("+")
-        self.device = torch.device(device)
-        self.cuda = self.device.type == "cuda"
-        self.spec = MODELS[model_key]
+        self.device, self.spec, self.mixed = torch.device(device), MODELS[model_key], base == "mona_mixed"
         torch.manual_seed(seed)
         model = build_classifier(self.spec, NUM_LABELS)
+        if base not in ("full", "frozen", "lora") and not base.startswith("mona"):
+            raise ValueError(f"unknown method {method!r}")
         if base == "frozen":
             model.requires_grad_(False)
         elif base == "lora":
             model = peft.get_peft_model(model, lora_config(model, modules_to_save=[HEAD]))
-        elif base in ("mona_single", "mona_mixed"):
-            first, second = MIXED_ADAPTERS
-            model = peft.get_peft_model(model, mona_config(modules_to_save=[HEAD]), adapter_name=first)
-            model.add_adapter(second, mona_config(modules_to_save=[HEAD]))
-            model.set_adapter(first)  # mona_single runs every sample through it; mona_mixed routes per sample
-        elif base.startswith("mona"):
-            # mona_before: the same call, in a worker whose mona_peft is the baseline revision's
+        elif base in ("mona_single", "mona_mixed"):  # single: every sample on the first; mixed: routed per sample
+            model = peft.get_peft_model(model, mona_config(modules_to_save=[HEAD]), adapter_name=MIXED_ADAPTERS[0])
+            model.add_adapter(MIXED_ADAPTERS[1], mona_config(modules_to_save=[HEAD]))
+            model.set_adapter(MIXED_ADAPTERS[0])
+        elif base != "full":  # mona_before: the same call, in a worker whose mona_peft is the baseline's
             model = peft.get_peft_model(model, mona_config(modules_to_save=[HEAD]))
             if base in ("mona_unfused", "mona_ref"):
-                from mona_peft import set_compute
-
-                set_compute(model, **({"fused": False} if base == "mona_unfused" else {"merge_filters": False}))
-        elif base != "full":
-            raise ValueError(f"unknown method {method!r}")
-        self.mixed = base == "mona_mixed"
+                mona_peft.set_compute(model, **{"fused" if base == "mona_unfused" else "merge_filters": False})
         self.model = model.to(self.device)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=1e-4) if self.trainable else None
@@ -164,94 +122,84 @@ class MethodBench:
         self.inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def info(self) -> dict[str, Any]:
-        # How the Mona adapters compute, read from the modules (none for the other methods; a baseline revision
-        # without MonaAdapter reports none either).
+        """Sizes, and how the Mona adapters compute, read from the modules (none for other methods, or a baseline
+        revision without MonaAdapter)."""
         adapters = [m for m in self.model.modules() if type(m).__name__ == "MonaAdapter"]
-        return {
-            "trainable_params": sum(p.numel() for p in self.trainable),
+        info = {"trainable_params": sum(p.numel() for p in self.trainable)}
+        info |= {
             "total_params": sum(p.numel() for p in self.model.parameters()),
             "rss_after_build_mib": memory.rss_mib(),
+        }
+        computes = {f"fused={m.fused}, merge_filters={m.merge_filters}" for m in adapters}
+        return info | {
             "mona_peft_file": mona_peft.__file__,
             "mona_adapters": len(adapters),
-            "mona_compute": sorted({f"fused={m.fused}, merge_filters={m.merge_filters}" for m in adapters}),
+            "mona_compute": sorted(computes),
         }
 
-    def _batch(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run(self, kind: str, batch: int) -> None:
         if batch not in self.inputs:
-            generator = torch.Generator().manual_seed(batch)
-            size = self.spec.image_size
+            generator, size = torch.Generator().manual_seed(batch), self.spec.image_size
             pixels = torch.randn(batch, 3, size, size, generator=generator)
             labels = torch.randint(0, NUM_LABELS, (batch,), generator=generator)
             self.inputs[batch] = (pixels.to(self.device), labels.to(self.device))
-        return self.inputs[batch]
-
-    def _autocast(self) -> Any:
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else torch.autocast("cpu", enabled=False)
-
-    def _run(self, kind: str, pixels: torch.Tensor, labels: torch.Tensor) -> None:
+        pixels, labels = self.inputs[batch]
+        cuda = self.device.type == "cuda"
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda)
+        self.model.train(kind == "train")
         if kind == "train":
-            self.model.train()
-            with self._autocast():
+            with autocast:
                 logits = self.forward(pixel_values=pixels).logits
             F.cross_entropy(logits.float(), labels).backward()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             return
-        self.model.eval()
-        extra = {}
-        if self.mixed:  # the first half of the batch on one adapter, the rest on the other
-            half = pixels.shape[0] // 2
-            extra["adapter_names"] = [MIXED_ADAPTERS[0]] * half + [MIXED_ADAPTERS[1]] * (pixels.shape[0] - half)
-        with torch.inference_mode(), self._autocast():
-            self.forward(pixel_values=pixels, **extra)
+        half = batch // 2  # mona_mixed: the first half of the batch on one adapter, the rest on the other
+        extra = {"adapter_names": [MIXED_ADAPTERS[0]] * half + [MIXED_ADAPTERS[1]] * (batch - half)}
+        with torch.inference_mode(), autocast:
+            self.forward(pixel_values=pixels, **(extra if self.mixed else {}))
 
     def measure(self, kind: str, batch: int, trim_before: bool, trim_after: bool) -> dict[str, Any]:
-        """Time one train step or one inference and record its peak memory.
-
-        ``trim_before``: give the free heap back to the OS first, so the peak RSS is the step's own (otherwise the
-        step runs on the warm heap left by the previous one, as in a training loop); ``trim_after``: give it back
-        after, so an idle worker does not sit on memory the others need.
-        """
-        pixels, labels = self._batch(batch)
-        if self.cuda:
+        """Time one train step or inference and record its peak memory. ``trim_before``: give the free heap back to
+        the OS first, so the peak is the step's own (else the step runs on the warm heap the previous one left, as in
+        a training loop); ``trim_after``: give it back after, so an idle worker does not hold memory others need."""
+        cuda = self.device.type == "cuda"
+        if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated() / 2**20
-        else:
-            if trim_before:
-                memory.trim_heap()
-            before = memory.rss_mib()
+        elif trim_before:
+            memory.trim_heap()
+        before = torch.cuda.memory_allocated() / 2**20 if cuda else memory.rss_mib()
+        if not cuda:
             memory.reset_peak()
         cpu_start, start = time.process_time(), time.perf_counter()
-        self._run(kind, pixels, labels)
-        if self.cuda:
+        self._run(kind, batch)
+        if cuda:
             torch.cuda.synchronize()
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-        peak = torch.cuda.max_memory_allocated() / 2**20 if self.cuda else memory.peak_rss_mib()
-        if trim_after and not self.cuda:
+        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else memory.peak_rss_mib()
+        if trim_after and not cuda:
             memory.trim_heap()
-        return {
+        result = {
             "seconds": seconds,
             "cpu_seconds": cpu_seconds,
             "cpu_util": cpu_seconds / (seconds * torch.get_num_threads()),
-            "peak_mib": peak,
-            "step_mib": peak - before,
-            "rss_before_mib": before,
-            "rss_after_mib": memory.rss_mib() if not self.cuda else 0.0,
+        }
+        result |= {"peak_mib": peak, "step_mib": peak - before, "rss_before_mib": before}
+        return result | {
+            "rss_after_mib": 0.0 if cuda else memory.rss_mib(),
             "heap": "trimmed" if trim_before else "steady",
         }
 
 
-def _worker_main(
-    conn: Any, model_key: str, method: str, device: str, threads: int, seed: int, package_dir: str | None = None
-) -> None:
-    """Serve measurements of one method. ``package_dir``: the directory mona_peft must have been imported from (a
-    baseline revision's ``src``), checked before anything is built."""
+def _worker_main(conn: Any, model_key: str, method: str, device: str, threads: int, seed: int,
+                 package_dir: str | None = None) -> None:  # fmt: skip
+    """Serve measurements of one method. ``package_dir``: where mona_peft must come from (a baseline's ``src``)."""
     try:
         if package_dir and not Path(mona_peft.__file__).resolve().is_relative_to(Path(package_dir).resolve()):
             raise RuntimeError(f"{method} should run mona_peft from {package_dir}, got {mona_peft.__file__}")
         torch.set_num_threads(threads)
-        allocator_fixed = memory.fix_allocator_policy() if not device.startswith("cuda") else False
+        allocator_fixed = not device.startswith("cuda") and memory.fix_allocator_policy()
         bench = MethodBench(model_key, method, device, seed)
         conn.send({"ok": True, "info": {**bench.info(), "allocator_policy_fixed": allocator_fixed}})
         while (command := conn.recv()) is not None:
@@ -267,7 +215,7 @@ def _worker_main(
 
 
 # A baseline worker is a fresh interpreter that puts the baseline's src first on sys.path before anything imports
-# peft (whose import pulls in mona_peft through the package's start-up auto-registration) or mona_peft.
+# peft (whose import pulls in mona_peft through the package's auto-registration) or mona_peft.
 _BASELINE_BOOTSTRAP = """
 import sys
 fd, src, model_key, method, device, threads, seed = sys.argv[1:]
@@ -279,26 +227,22 @@ _worker_main(Connection(int(fd)), model_key, method, device, int(threads), int(s
 
 
 class Worker:
-    """Handle on a worker process that holds one method.
-
-    ``baseline_src``: run the method on the mona_peft found in this directory (a baseline revision's ``src``), in a
-    fresh interpreter (``subprocess``) rather than a ``multiprocessing`` child, whose imports come from this process.
-    """
+    """Handle on the process that holds one method: a ``multiprocessing`` child, or with ``baseline_src`` a fresh
+    interpreter running the mona_peft of that directory (a child would share this process's imports)."""
 
     def __init__(self, ctx: Any, method: str, args: tuple, baseline_src: str | None = None) -> None:
-        self.method = method
+        self.method, self.info = method, {}
         self.conn, child = ctx.Pipe()
         if baseline_src is None:
             self.process = ctx.Process(target=_worker_main, args=(child, *args), daemon=True)
             self.process.start()
         else:
-            argv = [str(child.fileno()), baseline_src, *map(str, args)]
-            bootstrap = [sys.executable, "-c", _BASELINE_BOOTSTRAP, *argv]
-            self.process = subprocess.Popen(bootstrap, cwd=REPO, pass_fds=(child.fileno(),))
+            argv = [sys.executable, "-c", _BASELINE_BOOTSTRAP, str(child.fileno()), baseline_src, *map(str, args)]
+            self.process = subprocess.Popen(argv, cwd=REPO, pass_fds=(child.fileno(),))
         child.close()
-        self.info: dict[str, Any] = {}
 
-    def _ask(self, *command: Any) -> dict[str, Any]:
+    def ask(self, *command: Any) -> dict[str, Any]:
+        """Send ``command`` (none: wait for the start-up report) and return the reply, or raise the worker's error."""
         if command:
             self.conn.send(command)
         reply = self.conn.recv()
@@ -306,54 +250,43 @@ class Worker:
             raise RuntimeError(f"worker {self.method!r} failed:\n{reply['error']}")
         return reply
 
-    def ready(self) -> None:
-        self.info = self._ask()["info"]
-
     def measure(self, kind: str, batch: int, trim: bool, keep_warm: bool = False) -> dict[str, Any]:
         """One measurement; ``trim``: from a trimmed heap, given back after unless ``keep_warm``."""
-        return self._ask("measure", kind, batch, trim, trim and not keep_warm)
+        return self.ask("measure", kind, batch, trim, trim and not keep_warm)
 
     def release(self) -> float:
         """Give the worker's free heap back to the OS; returns its RSS after."""
-        return self._ask("release")["rss_after_mib"]
+        return self.ask("release")["rss_after_mib"]
 
     def stop(self) -> None:
+        """Ask the worker to end, and end it if it does not within 30 s."""
         with contextlib.suppress(BrokenPipeError, OSError):
             self.conn.send(None)
-        popen = isinstance(self.process, subprocess.Popen)
+        wait = self.process.wait if isinstance(self.process, subprocess.Popen) else self.process.join
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=30) if popen else self.process.join(timeout=30)
-        if (self.process.poll() is None) if popen else self.process.is_alive():
-            self.process.terminate()
+            wait(timeout=30)
+        self.process.terminate()  # a no-op once it has ended
 
 
 # ----------------------------------------------------------------------------------------------------- coordinator
 
 
-def run_model(
-    model_key: str, methods: list[str], batches: list[int], rounds: list[int], args: argparse.Namespace, **kw: Any
-) -> tuple[list[dict], list[dict]]:
-    """All measurements of one model: warm-up, then interleaved rounds at each batch size.
-
-    ``kw``: ``threads``, ``ctx`` and ``baseline_src`` (the package ``mona_before`` runs); ``mona_ref`` is measured
-    only at batch sizes up to ``args.ref_max_batch`` (all when 0).
-    """
-    rng = random.Random(args.seed)
-    started = time.perf_counter()
-    spec = (model_key, args.device, kw["threads"], args.seed)
+def run_model(model_key: str, methods: list[str], batches: list[int], rounds: list[int], args: argparse.Namespace,
+              ctx: Any, threads: int, baseline_src: str | None) -> tuple[list[dict], list[dict]]:  # fmt: skip
+    """All measurements of one model: warm-up, then interleaved rounds at each batch size (``mona_ref`` only up to
+    ``args.ref_max_batch``, unless 0)."""
+    rng, started = random.Random(args.seed), time.perf_counter()
+    spec = (model_key, args.device, threads, args.seed)
     workers = {
-        m: Worker(kw["ctx"], m, (model_key, m, *spec[1:]), kw["baseline_src"] if "mona_before" in m else None)
-        for m in methods
+        m: Worker(ctx, m, (spec[0], m, *spec[1:]), baseline_src if "mona_before" in m else None) for m in methods
     }
+    kinds = {kind: [m for m in methods if m.split("+")[0] in names]
+             for kind, names in (("train", TRAIN_METHODS), ("inference", INFERENCE_METHODS))}  # fmt: skip
     try:
         for w in workers.values():
-            w.ready()
-        kinds = {
-            "train": [m for m in methods if m.split("+")[0] in TRAIN_METHODS],
-            "inference": [m for m in methods if m.split("+")[0] in INFERENCE_METHODS],
-        }
-        # Warm-up (lazy initialisation, optimizer state, oneDNN primitives), each step from a trimmed heap: its peak
-        # tells how much memory the worker needs, which decides below whether timed steps can run on warm heaps.
+            w.info = w.ask()["info"]
+        # Warm-up (lazy init, optimizer state, oneDNN primitives), from trimmed heaps: the peaks tell how much memory
+        # each worker needs, which decides below whether timed steps can run on warm heaps.
         needs: dict[str, dict[str, float]] = {}
         resident: dict[str, float] = {}
         for m in methods:
@@ -361,10 +294,11 @@ def run_model(
                 if m in kinds[kind]:
                     got = workers[m].measure(kind, batches[0], trim=True, keep_warm=True)
                     need = needs.setdefault(m, {"base": got["rss_before_mib"], "peak": 0.0, "batch": batches[0]})
-                    need["base"] = min(need["base"], got["rss_before_mib"])
-                    need["peak"] = max(need["peak"], got["peak_mib"])
-            # keep the heap warm, unless memory is getting short
-            available, total = memory.available_mib(), total_memory_gib()
+                    need["base"], need["peak"] = (
+                        min(need["base"], got["rss_before_mib"]),
+                        max(need["peak"], got["peak_mib"]),
+                    )
+            available, total = memory.available_mib(), total_memory_gib()  # keep the heap warm unless memory is short
             short = available is not None and total is not None and available < 0.3 * total * 1024
             resident[m] = workers[m].release() if short else needs[m]["peak"]
         print(f"  {model_key}: workers ready and warm after {time.perf_counter() - started:.0f} s", flush=True)
@@ -374,56 +308,51 @@ def run_model(
             ref_off = args.ref_max_batch and batch > args.ref_max_batch
             active = [m for m in methods if not (ref_off and m.startswith("mona_ref"))]
             # Steady heaps when every worker can keep its peak at this batch size at once, trimmed heaps otherwise.
-            estimate = sum(
-                n["peak"] + (n["peak"] - n["base"]) * (batch / n["batch"] - 1) for m, n in needs.items() if m in active
-            )
+            scale = {m: batch / n["batch"] - 1 for m, n in needs.items()}
+            estimate = sum(n["peak"] + (n["peak"] - n["base"]) * scale[m] for m, n in needs.items() if m in active)
             available = memory.available_mib()
             total = (available or 0.0) + sum(resident.values())
             steady = not args.device.startswith("cuda") and available is not None and estimate < 0.8 * total
             if not steady:
                 resident = {m: workers[m].release() for m in methods}
-            elif batch != batches[0]:
-                for m in active:  # let each heap grow to this batch size before timing (untimed)
-                    for kind in ("train", "inference"):
-                        if m in kinds[kind]:
-                            workers[m].measure(kind, batch, trim=False)
+            elif batch != batches[0]:  # let each heap grow to this batch size before timing (untimed)
+                for m, kind in ((m, k) for m in active for k in ("train", "inference") if m in kinds[k]):
+                    workers[m].measure(kind, batch, trim=False)
             heap = "steady" if steady else "trimmed"
-            print(
-                f"  {model_key} b{batch}: {heap} heaps (workers need ~{estimate / 1024:.1f} GiB at once, "
-                f"{total / 1024:.1f} GiB available)",
-                flush=True,
-            )
+            print(f"  {model_key} b{batch}: {heap} heaps (workers need ~{estimate / 1024:.1f} GiB at once, "
+                  f"{total / 1024:.1f} GiB available)", flush=True)  # fmt: skip
             for r in range(n_rounds):
+                mine = []
                 for kind in ("train", "inference"):
                     order = [m for m in kinds[kind] if m in active]
                     rng.shuffle(order)
                     for m in order:
                         result = workers[m].measure(kind, batch, trim=not steady)
-                        records.append({"model": model_key, "batch": batch, "kind": kind, "round": r, "method": m})
-                        records[-1].update(result)
+                        mine.append(
+                            {"model": model_key, "batch": batch, "kind": kind, "round": r, "method": m, **result}
+                        )
                         need = needs[m]
                         need["peak"] = max(need["peak"] if need["batch"] == batch else 0.0, result["peak_mib"])
-                        need["batch"] = batch
-                        resident[m] = result["rss_after_mib"]
-                mine = [x for x in records if x["batch"] == batch and x["round"] == r and x["model"] == model_key]
+                        need["batch"], resident[m] = batch, result["rss_after_mib"]
+                records += mine
                 line = ", ".join(f"{x['method']}/{x['kind'][0]} {x['seconds']:.2f}s" for x in mine)
                 print(f"  {model_key} b{batch} round {r + 1}/{n_rounds}: {line}", flush=True)
-            configs.append(
-                {
-                    "model": model_key,
-                    "model_name": MODELS[model_key].name,
-                    "image_size": MODELS[model_key].image_size,
-                    "batch": batch,
-                    "rounds": n_rounds,
-                    "heap": heap,
-                    "memory_estimate_mib": estimate,
-                    "memory_available_mib": total,
-                    "load_average_before": load_before,
-                    "load_average_after": load_average(),
-                    "seconds": round(time.perf_counter() - config_start, 1),
-                    "workers": {m: workers[m].info for m in active},
-                }
-            )
+            config = {
+                "model": model_key,
+                "model_name": MODELS[model_key].name,
+                "image_size": MODELS[model_key].image_size,
+            }
+            config |= {"batch": batch, "rounds": n_rounds, "heap": heap, "memory_estimate_mib": estimate}
+            config |= {
+                "memory_available_mib": total,
+                "load_average_before": load_before,
+                "load_average_after": load_average(),
+            }
+            config |= {
+                "seconds": round(time.perf_counter() - config_start, 1),
+                "workers": {m: workers[m].info for m in active},
+            }
+            configs.append(config)
         return records, configs
     finally:
         for w in workers.values():
@@ -436,35 +365,31 @@ def summarize_config(config: dict, records: list[dict]) -> dict:
     out = dict(config)
     for kind in ("train", "inference"):
         rows = [r for r in mine if r["kind"] == kind]
-        out[kind] = {m: {key: per_method(rows, key)[m] for key in STAT_KEYS} for m in per_method(rows, "seconds")}
+        stats = {key: per_method(rows, key) for key in STAT_KEYS}
+        out[kind] = {m: {key: stats[key][m] for key in STAT_KEYS} for m in stats["seconds"]}
         out[f"{kind}_time_ratios"] = ratios(rows, TIME_PAIRS[kind], "seconds")
         out[f"{kind}_cpu_ratios"] = ratios(rows, TIME_PAIRS[kind], "cpu_seconds")
-    train_rows = [r for r in mine if r["kind"] == "train"]
+    train = [r for r in mine if r["kind"] == "train"]
     # with steady heaps the step increment is ~0 by construction: no ratios of it
     trimmed = config.get("heap", "trimmed") == "trimmed"
-    out["train_step_memory_ratios"] = ratios(train_rows, MEMORY_PAIRS, "step_mib") if trimmed else {}
-    out["train_peak_ratios"] = ratios(train_rows, MEMORY_PAIRS, "peak_mib")
+    out["train_step_memory_ratios"] = ratios(train, MEMORY_PAIRS, "step_mib") if trimmed else {}
+    out["train_peak_ratios"] = ratios(train, MEMORY_PAIRS, "peak_mib")
     return out
 
 
-# ----------------------------------------------------------------------------------------- the filter on its own
-
-
 def filter_benchmark(batch: int, bottleneck: int, grid: int, rounds: int, inner: int, seed: int) -> dict[str, Any]:
-    """Merged vs three-conv filter at one shape: forward (no grad) and forward + backward, interleaved rounds.
-
-    The input is laid out exactly as ``MonaAdapter.forward`` hands it to the filter: the patch tokens of a
-    [B, 1 + H*W, m] tensor, transposed to [B, m, H, W] (a channels-last view, no copy).
-    """
+    """Merged vs three-conv filter at one shape, forward (no grad) and forward + backward, in interleaved rounds with
+    an A/A twin. The input is laid out as ``MonaAdapter.forward`` hands it over: the patch tokens of a [B, 1 + H*W, m]
+    tensor, transposed to [B, m, H, W] (a channels-last view)."""
     from mona_peft.filters import merged_filter, reference_filter
 
     torch.manual_seed(seed)
-    tokens = torch.randn(batch, 1 + grid * grid, bottleneck)
-    image = tokens[:, 1:].transpose(1, 2).reshape(batch, bottleneck, grid, grid)
+    image = (
+        torch.randn(batch, 1 + grid * grid, bottleneck)[:, 1:].transpose(1, 2).reshape(batch, bottleneck, grid, grid)
+    )
     convs = [nn.Conv2d(bottleneck, bottleneck, k, padding=k // 2, groups=bottleneck) for k in (3, 5, 7)]
     weights, biases = [c.weight for c in convs], [c.bias for c in convs]
     grad = torch.randn(batch, bottleneck, grid, grid)
-    variants = {"merged": merged_filter, "reference": reference_filter, "merged_twin": merged_filter}
 
     def forward(fn: Any) -> None:
         with torch.no_grad():
@@ -475,47 +400,31 @@ def filter_benchmark(batch: int, bottleneck: int, grid: int, rounds: int, inner:
         for w in (*weights, *biases):
             w.grad = None
 
-    results: dict[str, Any] = {
-        "shape": {"batch": batch, "bottleneck": bottleneck, "height": grid, "width": grid},
-        "input_layout": "channels-last view of the token tensor, as in MonaAdapter.forward",
-        "rounds": rounds,
+    results: dict[str, Any] = {"shape": {"batch": batch, "bottleneck": bottleneck, "height": grid, "width": grid}}
+    results |= {"input_layout": "channels-last view of the token tensor, as in MonaAdapter.forward", "rounds": rounds}
+    results |= {
         "calls_per_measurement": inner,
         "measurement": "mean wall time of the calls (torch.utils.benchmark.Timer)",
     }
     rng = random.Random(seed)
     for mode, run in (("forward", forward), ("forward_backward", forward_backward)):
-        calls = {name: (lambda fn=fn, run=run: run(fn)) for name, fn in variants.items()}
-        records = interleave(calls, rounds, inner, rng)
-        pairs = ["reference/merged", "merged_twin/merged"]
-        results[mode] = {"ms": per_method(records), "ratios": ratios(records, pairs, "ms")}
+        variants = {"merged": merged_filter, "reference": reference_filter, "merged_twin": merged_filter}
+        records = interleave(
+            {name: (lambda fn=fn, run=run: run(fn)) for name, fn in variants.items()}, rounds, inner, rng
+        )
+        results[mode] = {
+            "ms": per_method(records),
+            "ratios": ratios(records, ["reference/merged", "merged_twin/merged"]),
+        }
     return results
-
-
-def _filter_worker(conn: Any, threads: int, kwargs: dict[str, Any]) -> None:
-    try:
-        torch.set_num_threads(threads)
-        conn.send({"ok": True, "result": filter_benchmark(**kwargs)})
-    except Exception:
-        conn.send({"ok": False, "error": traceback.format_exc()})
-
-
-def run_filter(ctx: Any, threads: int, **kwargs: Any) -> dict[str, Any]:
-    parent, child = ctx.Pipe()
-    process = ctx.Process(target=_filter_worker, args=(child, threads, kwargs), daemon=True)
-    process.start()
-    reply = parent.recv()
-    process.join()
-    if not reply["ok"]:
-        raise RuntimeError(reply["error"])
-    return reply["result"]
 
 
 # ------------------------------------------------------------------------------------------- the baseline's code
 
 
 def extract_baseline(rev: str, into: Path) -> dict[str, Any]:
-    """Write ``src/`` as it was at git revision ``rev`` under ``into`` (``git archive``, nothing else in the checkout
-    changes) and describe it; the package is then importable from ``into / "src"``."""
+    """Write ``src/`` as it was at git revision ``rev`` under ``into`` (``git archive``; the checkout is untouched) and
+    describe it; the package is then importable from ``into / "src"``."""
     commit = git("rev-parse", "--verify", f"{rev}^{{commit}}")
     subject, date = git("log", "-1", "--format=%s%n%cI", commit).split("\n", 1)
     archive = subprocess.run(["git", "archive", "--format=tar", commit, "src"], cwd=REPO, capture_output=True)
@@ -523,19 +432,13 @@ def extract_baseline(rev: str, into: Path) -> dict[str, Any]:
         raise RuntimeError(f"git archive {commit} src failed: {archive.stderr.decode(errors='replace').strip()}")
     with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
         tar.extractall(into, filter="data")
-    src = into / "src"
-    if not (src / "mona_peft" / "__init__.py").is_file():
+    if not (into / "src" / "mona_peft" / "__init__.py").is_file():
         raise RuntimeError(f"revision {rev} ({commit[:7]}) has no src/mona_peft package")
-    return {
-        "rev": rev,
-        "commit": commit,
-        "short": commit[:7],
-        "subject": subject[:200],
-        "date": date,
-        "mona_peft_sha256": package_digest(src / "mona_peft"),
-        "how": "git archive of src/ into a temporary directory; the worker is a fresh interpreter with that "
-        "directory first on sys.path",
-    }
+    found = {"rev": rev, "commit": commit, "short": commit[:7], "subject": subject[:200], "date": date}
+    how = (
+        "git archive of src/ into a temporary directory; the worker is a fresh interpreter with that directory first "
+    )
+    return found | {"mona_peft_sha256": package_digest(into / "src" / "mona_peft"), "how": how + "on sys.path"}
 
 
 def package_digest(package: Path) -> str:
@@ -551,10 +454,8 @@ def package_digest(package: Path) -> str:
 
 def _target(name: str, scope: str, ratio: dict | None, threshold: float, noise: dict | None, kind: str = "max",
             cpu: dict | None = None) -> dict:  # fmt: skip
-    """One target check: the median ratio against its threshold; ``within_noise`` when the A/A spread covers the gap.
-
-    ``cpu`` (the same comparison on process CPU time) is stored alongside as the less contention-sensitive view.
-    """
+    """One target check: the median ratio against its threshold, ``within_noise`` when the A/A spread covers the gap;
+    ``cpu``: the same comparison on process CPU time (less sensitive to contention)."""
     if ratio is None:
         return {"target": name, "scope": scope, "status": "not measured"}
     median = ratio["median"]
@@ -571,44 +472,38 @@ def _target(name: str, scope: str, ratio: dict | None, threshold: float, noise: 
 
 def evaluate_targets(summaries: list[dict], filter_result: dict | None, target_model: str, before: str = "before"
                      ) -> list[dict]:  # fmt: skip
-    """The issue's targets, checked on the medians of the paired ratios: Mona's (and, with a baseline revision, the
-    baseline's, labelled ``Mona <before>``) against LoRA, full fine-tuning and the frozen model on ``target_model``;
-    no regression of Mona against the baseline on every model and batch; merged filter against three convs."""
+    """The issue's targets on the medians of the paired ratios: Mona's (and the baseline's, ``Mona <before>``)
+    against LoRA, full fine-tuning and the frozen model on ``target_model``; no regression of Mona against the
+    baseline on every model and batch; merged filter against three convs."""
     targets = []
     for s in summaries:
         scope = f"{s['model_name']}, batch {s['batch']}"
-        measured = {"train": s["train_time_ratios"], "inference": s["inference_time_ratios"]}
-        measured["memory"] = s["train_peak_ratios"]
-        cpu = {"train": s["train_cpu_ratios"], "inference": s["inference_cpu_ratios"], "memory": None}
+        measured = {
+            "train": s["train_time_ratios"],
+            "inference": s["inference_time_ratios"],
+            "memory": s["train_peak_ratios"],
+        }
+        cpu = {"train": s["train_cpu_ratios"], "inference": s["inference_cpu_ratios"], "memory": {}}
         groups = []  # (the ratio whose presence turns the group on, its checks: name, metric, ratio, threshold)
-        for mona, label in (("mona", "Mona"), ("mona_before", f"Mona {before}")):
-            if s["model"] == target_model:
-                groups.append(((("train", f"{mona}/lora")), [
-                    (f"{label} train step <= 1.05 x LoRA", "train", f"{mona}/lora", 1.05),
-                    (f"{label} train step <= 0.85 x full FT", "train", f"{mona}/full", 0.85),
-                    (f"{label} peak train memory <= 1.10 x LoRA", "memory", f"{mona}/lora", 1.10),
-                    (f"{label} inference <= 1.04 x frozen", "inference", f"{mona}/frozen", 1.04),
-                ]))  # fmt: skip
+        for mona, label in (("mona", "Mona"), ("mona_before", f"Mona {before}")) if s["model"] == target_model else ():
+            groups.append((("train", f"{mona}/lora"), [
+                (f"{label} train step <= 1.05 x LoRA", "train", f"{mona}/lora", 1.05),
+                (f"{label} train step <= 0.85 x full FT", "train", f"{mona}/full", 0.85),
+                (f"{label} peak train memory <= 1.10 x LoRA", "memory", f"{mona}/lora", 1.10),
+                (f"{label} inference <= 1.04 x frozen", "inference", f"{mona}/frozen", 1.04)]))  # fmt: skip
         regression = f"no regression: Mona / Mona {before}"
         groups += [
-            (("train", "mona/mona_before"), [
-                (f"{regression}, train step <= 1.00", "train", "mona/mona_before", 1.0),
-                (f"{regression}, peak train memory <= 1.00", "memory", "mona/mona_before", 1.0),
-            ]),
-            (("inference", "mona/mona_before"), [
-                (f"{regression}, inference <= 1.00", "inference", "mona/mona_before", 1.0),
-            ]),
-            (("train", "mona/mona_ref"), [
-                ("merged <= three-conv (train step)", "train", "mona/mona_ref", 1.0),
-                ("merged <= three-conv (inference)", "inference", "mona/mona_ref", 1.0),
-            ]),
+            (("train", "mona/mona_before"), [(f"{regression}, train step <= 1.00", "train", "mona/mona_before", 1.0),
+             (f"{regression}, peak train memory <= 1.00", "memory", "mona/mona_before", 1.0)]),
+            (("inference", "mona/mona_before"),
+             [(f"{regression}, inference <= 1.00", "inference", "mona/mona_before", 1.0)]),
+            (("train", "mona/mona_ref"), [("merged <= three-conv (train step)", "train", "mona/mona_ref", 1.0),
+             ("merged <= three-conv (inference)", "inference", "mona/mona_ref", 1.0)]),
         ]  # fmt: skip
-        for (metric, pair), checks in groups:
-            if pair not in measured[metric]:
-                continue
-            for name, metric, pair, threshold in checks:
+        for (trigger_metric, trigger), checks in groups:
+            for name, metric, pair, threshold in checks if trigger in measured[trigger_metric] else ():
                 got, aa = measured[metric].get(pair), measured[metric].get("mona_twin/mona")
-                targets.append(_target(name, scope, got, threshold, aa, "max", (cpu[metric] or {}).get(pair)))
+                targets.append(_target(name, scope, got, threshold, aa, "max", cpu[metric].get(pair)))
     if filter_result is not None:
         shape = filter_result["shape"]
         scope = f"filter alone, [{shape['batch']}, {shape['bottleneck']}, {shape['height']}, {shape['width']}]"
@@ -631,38 +526,22 @@ def _names(text: str) -> list[str]:
 
 
 def main(argv: Iterable[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark and write ``speed.json`` (``speed_quick.json`` with ``--quick``); returns what it wrote."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--quick", action="store_true", help="tiny models, batch 2, two rounds, 1 thread (smoke test)")
     add("--models", type=_names, default=None, help="comma-separated, default vit-b,swin-t")
-    add("--methods", type=_names, default=list(DEFAULT_METHODS), help="comma-separated methods")
+    add("--methods", type=_names, default=[m for m in METHOD_LABELS if m != "mona_before"], help="comma-separated")
     add("--batches", type=_ints, default=None, help="comma-separated batch sizes, default 8,32")
     add("--rounds", type=_ints, default=None, help="rounds per batch size, default 8,2")
     add("--device", default="cpu", help="cpu (default) or cuda: bf16 autocast + torch.compile")
     add("--threads", type=int, default=None, help="torch threads per worker (default: all cores; 1 with --quick)")
-    add(
-        "--start-method",
-        choices=("fork", "spawn"),
-        default=None,
-        help="how workers start: fork (default on Linux CPU: shares the imports) needs a caller that has not run "
-        "parallel torch ops yet (GNU OpenMP hangs in a forked child), which the command line guarantees; spawn "
-        "(default with --baseline-rev, and on CUDA): every worker a fresh interpreter, as mona_before's must be, so "
-        "that all start from the same memory",
-    )
-    add(
-        "--baseline-rev",
-        default=None,
-        metavar="REV",
-        help="also measure method mona_before: Mona as the package was at this git revision (e.g. d706065, the "
-        "commit before the Mona layer v2 rewrite), in the same interleaved rounds",
-    )
-    add(
-        "--ref-max-batch",
-        type=int,
-        default=8,
-        help="run mona_ref only at batch sizes up to this (default 8; the filter alone is timed at batch 32 anyway); "
-        "0 = every batch size",
-    )
+    add("--start-method", choices=("fork", "spawn"), default=None, help="how workers start: fork (default on Linux "
+        "CPU: shares the imports; needs a caller that has run no parallel torch op yet) or spawn (default with "
+        "--baseline-rev and on CUDA: every worker a fresh interpreter, as mona_before's must be)")  # fmt: skip
+    add("--baseline-rev", default=None, metavar="REV", help="also measure mona_before: Mona as the package was at "
+        "this git revision (e.g. d706065, before the Mona layer v2 rewrite), in the same rounds")  # fmt: skip
+    add("--ref-max-batch", type=int, default=8, help="run mona_ref only up to this batch size (0: all; default 8)")
     add("--skip-filter", action="store_true", help="do not time the filter on its own")
     add("--seed", type=int, default=0)
     add("--name", default=None, help="results file name (default speed, or speed_quick)")
@@ -672,96 +551,83 @@ def main(argv: Iterable[str] | None = None) -> dict[str, Any]:
     models = args.models or (["tiny-vit", "tiny-swin"] if args.quick else ["vit-b", "swin-t"])
     batches = args.batches or ([2] if args.quick else [8, 32])
     rounds = args.rounds or ([2] * len(batches) if args.quick else [8, 2][: len(batches)] + [2] * (len(batches) - 2))
+    methods = list(dict.fromkeys([*args.methods, *(["mona_before"] if args.baseline_rev else [])]))
+    cuda = args.device.startswith("cuda")
     if len(rounds) != len(batches):
         parser.error("--rounds needs one value per batch size")
-    methods = list(dict.fromkeys([*args.methods, *(["mona_before"] if args.baseline_rev else [])]))
-    unknown = [m for m in methods if m not in METHOD_LABELS]
-    if unknown:
+    if unknown := [m for m in methods if m not in METHOD_LABELS]:
         parser.error(f"unknown methods {unknown}; choose from {list(METHOD_LABELS)}")
     if "mona_before" in methods and not args.baseline_rev:
         parser.error("method mona_before needs --baseline-rev")
-    cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available")
     if cuda and hasattr(torch, "compile"):
         methods += [f"{m}+compile" for m in methods if m != "mona_twin"]
     threads = args.threads or (1 if args.quick else torch.get_num_threads())
-    # fork shares the imports (workers start in a second); CUDA cannot be forked, so it spawns. With a baseline,
-    # whose worker must be a fresh interpreter, every worker is one, so that none starts with a different heap.
+    # fork shares the imports (workers start in a second); CUDA cannot be forked. With a baseline, whose worker must
+    # be a fresh interpreter, every worker is one, so that none starts with a different heap.
     fork = not cuda and sys.platform == "linux" and not args.baseline_rev
     ctx = mp.get_context(args.start_method or ("fork" if fork else "spawn"))
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mona_baseline_") as scratch:
         baseline = extract_baseline(args.baseline_rev, Path(scratch)) if args.baseline_rev else None
-        src = str(Path(scratch) / "src") if baseline else None
-        return _run(args, models, batches, rounds, methods, threads=threads, ctx=ctx, baseline=baseline, src=src)
-
-
-def _run(args: argparse.Namespace, models: list[str], batches: list[int], rounds: list[int], methods: list[str],
-         threads: int, ctx: Any, baseline: dict[str, Any] | None, src: str | None) -> dict[str, Any]:  # fmt: skip
-    started = time.perf_counter()
-    cuda = args.device.startswith("cuda")
-    before = f"before ({baseline['short']})" if baseline else "before"
-    labels = {m: METHOD_LABELS[m.split("+")[0]] + (" + compile" if "+" in m else "") for m in methods}
-    labels = {m: label.replace("before (baseline revision)", before) for m, label in labels.items()}
-    settings = {
-        "models": models,
-        "methods": methods,
-        "method_labels": labels,
-        "batches": batches,
-        "rounds": rounds,
-        "threads_per_worker": threads,
-        "start_method": ctx.get_start_method(),
-        "precision": "bf16 autocast" if cuda else "float32",
-        "num_labels": NUM_LABELS,
-        "optimizer": "torch.optim.AdamW(lr=1e-4), defaults otherwise",
-        "memory_method": "torch.cuda.max_memory_allocated per step" if cuda else memory.method_description(),
-        "seed": args.seed,
-        "ref_max_batch": args.ref_max_batch or None,
-        "mixed_batch": {
-            "adapters": list(MIXED_ADAPTERS),
-            "how": "inference on a model with two Mona adapters: mona_single = the batch on the first "
-            "(set_adapter), mona_mixed = model(pixel_values, adapter_names=[first half, second half])",
-        },
-        "current_code": {
-            "git": git_revision(" + uncommitted changes in src/"),
-            "mona_peft_file": mona_peft.__file__,
-            "mona_peft_sha256": package_digest(Path(mona_peft.__file__).parent),
-        },
-        "baseline": baseline,
-    }
-    machine = {**machine_info(args.device), "torch_threads": threads}
-    payload: dict[str, Any] = {"benchmark": "speed", "quick": args.quick, "machine": machine, "settings": settings}
-    print(f"speed benchmark: {models} x batches {batches} x rounds {rounds}, methods {methods}", flush=True)
-    load = load_average()
-    if not cuda and threads > 1 and load and load[0] > (os.cpu_count() or 1):
-        print(
-            f"  warning: load average {load[0]:.1f} exceeds the {os.cpu_count()} cores; with {threads} threads per "
-            "worker every parallel op waits for descheduled threads. Consider --threads 1 on a shared machine.",
-            flush=True,
-        )
-    records: list[dict] = []
-    configs: list[dict] = []
-    for key in models:
-        got, conf = run_model(key, methods, batches, rounds, args, threads=threads, ctx=ctx, baseline_src=src)
-        records += got
-        configs += conf
+        before = f"before ({baseline['short']})" if baseline else "before"
+        labels = {m: METHOD_LABELS[m.split("+")[0]] + (" + compile" if "+" in m else "") for m in methods}
+        labels = {m: label.replace("before (baseline revision)", before) for m, label in labels.items()}
+        mixed = "inference on a model with two Mona adapters: mona_single = the batch on the first (set_adapter), "
+        mixed += "mona_mixed = model(pixel_values, adapter_names=[first half, second half])"
+        current = {"git": git_revision(" + uncommitted changes in src/"), "mona_peft_file": mona_peft.__file__}
+        current["mona_peft_sha256"] = package_digest(Path(mona_peft.__file__).parent)
+        settings = {
+            "models": models,
+            "methods": methods,
+            "method_labels": labels,
+            "batches": batches,
+            "rounds": rounds,
+        }
+        settings |= {"threads_per_worker": threads, "start_method": ctx.get_start_method()}
+        settings |= {"precision": "bf16 autocast" if cuda else "float32", "num_labels": NUM_LABELS}
+        settings |= {"optimizer": "torch.optim.AdamW(lr=1e-4), defaults otherwise"}
+        settings |= {
+            "memory_method": "torch.cuda.max_memory_allocated per step" if cuda else memory.method_description()
+        }
+        settings |= {"seed": args.seed, "ref_max_batch": args.ref_max_batch or None}
+        settings |= {"mixed_batch": {"adapters": list(MIXED_ADAPTERS), "how": mixed}, "current_code": current}
+        machine = {**machine_info(args.device), "torch_threads": threads}
+        payload = {
+            "benchmark": "speed",
+            "quick": args.quick,
+            "machine": machine,
+            "settings": settings | {"baseline": baseline},
+        }
+        print(f"speed benchmark: {models} x batches {batches} x rounds {rounds}, methods {methods}", flush=True)
+        load = load_average()
+        if not cuda and threads > 1 and load and load[0] > (os.cpu_count() or 1):
+            warning = (
+                f"  warning: load average {load[0]:.1f} exceeds the {os.cpu_count()} cores; with {threads} threads "
+            )
+            print(warning + "per worker every parallel op waits for descheduled threads. Consider --threads 1.")
+        records, configs = [], []
+        for key in models:
+            got, conf = run_model(key, methods, batches, rounds, args, ctx, threads, str(Path(scratch) / "src"))
+            records, configs = records + got, configs + conf
     summaries = [summarize_config(c, records) for c in configs]
     filter_result = None
-    if not args.skip_filter:
-        quick = dict(batch=4, bottleneck=8, grid=4, rounds=3, inner=3)
-        shape = quick if args.quick else dict(batch=32, bottleneck=64, grid=14, rounds=15, inner=10)
-        filter_result = run_filter(ctx, threads, seed=args.seed, **shape)
-    payload["configs"] = summaries
-    payload["filter"] = filter_result
-    payload["targets"] = evaluate_targets(summaries, filter_result, "tiny-vit" if args.quick else "vit-b", before)
-    payload["records"] = records
-    payload["load_average_at_end"] = load_average()
-    payload["seconds"] = round(time.perf_counter() - started, 1)
+    if not args.skip_filter:  # in a worker of its own, at the workers' thread count
+        shape = (
+            dict(batch=4, bottleneck=8, grid=4, rounds=3, inner=3)
+            if args.quick
+            else dict(batch=32, bottleneck=64, grid=14, rounds=15, inner=10)
+        )
+        with ctx.Pool(1, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+            filter_result = pool.apply(filter_benchmark, (), {**shape, "seed": args.seed})
+    target_model = "tiny-vit" if args.quick else "vit-b"
+    payload |= {"configs": summaries, "filter": filter_result}
+    payload |= {"targets": evaluate_targets(summaries, filter_result, target_model, before), "records": records}
+    payload |= {"load_average_at_end": load_average(), "seconds": round(time.perf_counter() - started, 1)}
     path = write_results(args.name or ("speed_quick" if args.quick else "speed"), payload, args.results_dir)
-    for t in payload["targets"]:
-        if "median" in t:
-            spread = f"{t['min']:.3f}-{t['max']:.3f}"
-            print(f"  {t['status']:6s} {t['target']} [{t['scope']}]: {t['median']:.3f} ({spread})")
+    for t in (t for t in payload["targets"] if "median" in t):
+        print(f"  {t['status']:6s} {t['target']} [{t['scope']}]: {t['median']:.3f} ({t['min']:.3f}-{t['max']:.3f})")
     print(f"wrote {path} in {payload['seconds']} s", flush=True)
     return payload
 

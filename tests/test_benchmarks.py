@@ -239,11 +239,11 @@ def test_profile_staged_copy_is_the_adapter(
 
 
 def test_profile_and_report_agree_on_stage_names() -> None:
-    from benchmarks import profile_mona, profile_report
+    from benchmarks import profile_mona, report
 
-    for name in dir(profile_report):
+    for name in dir(report):
         if name.startswith(("STAGE_", "GLUE_")):
-            assert getattr(profile_report, name) == getattr(profile_mona, name), name
+            assert getattr(report, name) == getattr(profile_mona, name), name
 
 
 def _public_api_violations(path: Path) -> list[str]:

@@ -1,0 +1,127 @@
+"""benchmarks.accuracy beyond the 56 px protocol: the pre-registered ablation, validation curves, the report of several
+protocols, and a smoke test of the GPU protocol on a tiny model and a local dataset laid out like a Hub one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from tests.training_helpers import make_image_folder, make_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("accuracy-more")
+    return {
+        "root": root,
+        "model": make_tiny_checkpoint(root / "model", "dinov2"),
+        "folder": make_image_folder(root / "images", per_class=12),
+    }
+
+
+@pytest.fixture(scope="module")
+def ablation(tiny: dict[str, Path]) -> dict:
+    """The quick protocol on Mona only, then ``--ablation`` on the same data."""
+    from benchmarks import accuracy
+
+    out = tiny["root"] / "ablation"
+    data = f"folder:{tiny['folder']}"
+    common = ["--quick", "--model", str(tiny["model"]), "--results-dir", str(out), "--methods", "mona,mona_official"]
+    with pytest.raises(SystemExit, match="run it first"):
+        accuracy.main([*common, "--ablation", data])
+    before = json.loads(accuracy.main([*common, "--datasets", data]).read_text())
+    path = accuracy.main([*common, "--ablation", data])
+    return {"before": before, "after": json.loads(path.read_text()), "path": path, "data": data}
+
+
+def test_ablation_runs_every_preregistered_variant_once_per_seed(ablation: dict) -> None:
+    from benchmarks.accuracy import ABLATION, PROTOCOLS
+
+    protocol = PROTOCOLS["quick"]
+    after = ablation["after"]
+    plan = [r for r in after["runs"] if r["phase"] == "plan"]
+    variants = {r.get("variant", "") for r in plan}
+    assert variants >= {
+        "dropout=0.0",
+        "prefix_tokens=unchanged",
+        "head_learning_rate=0.0003",
+        "head_learning_rate=0.003",
+    }
+    table = after["summary"][ablation["data"]]["variants"]
+    expected = ["base"] + [f"{vid} {name}={value}" for vid, (name, values) in ABLATION.items() for value in values]
+    assert list(table) == expected
+    assert all(v["test_accuracy"]["n"] == len(protocol.seeds) for v in table.values())
+    # the baseline is the protocol's own Mona runs, reused and not run again
+    assert table["base"]["test_accuracy"] == after["summary"][ablation["data"]]["methods"]["mona"]["test_accuracy"]
+    assert len(after["runs"]) - len(ablation["before"]["runs"]) == len(plan)
+    # a variant that changes the head's learning rate trains differently from the baseline with the same seed
+    lr = after["summary"][ablation["data"]]["methods"]["mona"]["learning_rate"]
+    base = next(r for r in after["runs"] if r["method"] == "mona" and r["learning_rate"] == lr and not r.get("variant")
+                and r["seed"] == 0 and r["bottleneck"] == protocol.bottleneck)  # fmt: skip
+    fast = next(r for r in plan if r.get("variant") == "head_learning_rate=0.003" and r["seed"] == 0)
+    assert fast["head_learning_rate"] == 3e-3 and base["head_learning_rate"] == 1e-3
+    assert fast["train_loss"] != base["train_loss"]
+    # wider bottlenecks train more parameters; dropout and prefix tokens do not change the count
+    assert table["A1 bottleneck=192"]["trainable_params"] > table["A1 bottleneck=128"]["trainable_params"]
+    assert table["A2 dropout=0.0"]["trainable_params"] == table["base"]["trainable_params"]
+
+
+def test_report_renders_the_ablation_the_params_plot_and_resolutions(ablation: dict, tmp_path: Path) -> None:
+    from benchmarks.accuracy_report import accuracy_sections
+
+    results = tmp_path / "results"
+    results.mkdir()
+    payload = ablation["after"]
+    payload["protocol"]["name"] = "cpu"
+    (results / "accuracy.json").write_text(json.dumps(payload))
+    wide = json.loads(json.dumps(payload))
+    wide["protocol"].update(name="cpu112", image_size=112)
+    (results / "accuracy_112.json").write_text(json.dumps(wide))
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    text = "\n".join(accuracy_sections(results, docs))
+    assert "## 3. Accuracy" in text and "## 3b. Accuracy at 112 px" in text
+    assert "Pre-registered ablation" in text and "| A2 dropout=0.0 |" in text
+    assert "no change" in text or "**changes**" in text
+    assert "| dataset | method | test accuracy, 32 px | test accuracy, 112 px |" in text  # quick is 32 px
+    assert (docs / "accuracy_params.png").stat().st_size > 1000
+    assert (docs / "accuracy_params_cpu112.png").stat().st_size > 1000
+
+
+def test_validation_curve_is_recorded_every_eval_steps(
+    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dataclasses import replace
+
+    from benchmarks import accuracy
+
+    quick = replace(accuracy.PROTOCOLS["quick"], max_steps=5, eval_steps=2, seeds=(0,))
+    monkeypatch.setitem(accuracy.PROTOCOLS, "quick", quick)
+    path = accuracy.main(["--quick", "--model", str(tiny["model"]), "--datasets", f"folder:{tiny['folder']}",
+                          "--methods", "linear", "--results-dir", str(tmp_path)])  # fmt: skip
+    runs = json.loads(path.read_text())["runs"]
+    # the Trainer's evaluations at steps 2 and 4, then the final one at step 5
+    assert runs and all([step for step, _ in r["validation_curve"]] == [2, 4, 5] for r in runs)
+
+
+def test_gpu_protocol_smoke(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """The GPU protocol's code path (hub:<id> data, drop path, epochs replaced by --max-steps) on a tiny model and a
+    local folder of parquet files, laid out like a Hub dataset with train and test splits only."""
+    from benchmarks import accuracy
+    from datasets import load_dataset
+
+    hub = tmp_path / "hub-dataset"
+    hub.mkdir()
+    images = load_dataset("imagefolder", data_dir=str(tiny["folder"]))["train"].train_test_split(0.3, seed=0)
+    for split, data in images.items():
+        data.to_parquet(hub / f"{split}.parquet")
+    argv = ["--protocol", "gpu", "--max-steps", "2", "--seeds", "0", "--methods", "full,mona", "--model",
+            str(tiny["model"]), "--datasets", f"hub:{hub}", "--results-dir", str(tmp_path / "out")]  # fmt: skip
+    payload = json.loads(accuracy.main(argv).read_text())
+    assert payload["protocol"]["name"] == "gpu-capped" and payload["protocol"]["image_size"] == 224
+    assert payload["protocol"]["extra_args"] == ["--drop_path_rate", "0.3"]
+    summary = payload["summary"][f"hub:{hub}"]["methods"]
+    assert set(summary) == {"full", "mona"} and all(r["steps"] == 2 for r in payload["runs"])
+    sizes = payload["datasets"][f"hub:{hub}"]["sizes"]
+    assert sizes["validation"] > 0 and sizes["test"] == len(images["test"])
