@@ -69,3 +69,11 @@ def test_offline_base_path_is_rebuilt_when_missing(monkeypatch: pytest.MonkeyPat
     assert resolve_base_model(missing) == str(tmp_path) and calls
     assert resolve_base_model("org/some-model") == "org/some-model"
     assert resolve_base_model(str(tmp_path)) == str(tmp_path)
+
+
+def test_random_swin_backbone_path_is_rebuilt_when_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from mona_peft.training.segmentation.model import RANDOM_SWIN_NAME
+
+    monkeypatch.setenv("MONA_PEFT_CACHE", str(tmp_path))
+    path = resolve_base_model(f"/elsewhere/cache/{RANDOM_SWIN_NAME}")
+    assert path == str(tmp_path / RANDOM_SWIN_NAME) and (tmp_path / RANDOM_SWIN_NAME / "model.safetensors").is_file()

@@ -407,3 +407,18 @@ def test_overwrite_output_dir_replaces_old_checkpoints(tiny_dinov2: Path, image_
     train(*parse_args([*argv, "--eval_strategy", "no", "--save_steps", "2"]))
     assert not (out / "checkpoint-99").exists() and (out / "checkpoint-2").is_dir()
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "MONA"
+
+
+def test_drop_path_rate_reaches_the_backbone_or_is_refused(tiny_dinov2: Path, tiny_vit: Path) -> None:
+    from mona_peft.training.segmentation import SegmentationModelArguments
+
+    model = build_model(ModelArguments(model_name_or_path=str(tiny_dinov2), drop_path_rate=0.3), ["a", "b"])
+    assert model.base_model.model.config.drop_path_rate == 0.3
+    rates = [m.drop_prob for m in model.modules() if type(m).__name__.endswith("DropPath")]
+    assert rates and all(r == 0.3 for r in rates)
+    with pytest.raises(ModelError, match=r"\(vit\) has no stochastic depth"):
+        build_model(ModelArguments(model_name_or_path=str(tiny_vit), drop_path_rate=0.3), ["a", "b"])
+    with pytest.raises(ValueError, match=r"--drop_path_rate must be in \[0, 1\)"):
+        ModelArguments(drop_path_rate=1.0)
+    with pytest.raises(ValueError, match="image classification"):
+        SegmentationModelArguments(drop_path_rate=0.3)

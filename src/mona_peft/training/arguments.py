@@ -108,8 +108,13 @@ class ModelArguments:
     cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models are cached."})
     model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of a Hub model."})
     token: str | None = field(default=None, metadata={"help": "Hub token for private models (default: login)."})
-
-    """The methods this task's script offers."""
+    drop_path_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Stochastic depth of the backbone (official Mona recipe: 0.3), for checkpoints that have it "
+            "(Swin, DINOv2, BEiT); default: the checkpoint's own."
+        },
+    )
 
     def __post_init__(self) -> None:
         methods = next(f for f in dataclasses.fields(self) if f.name == "method").metadata["choices"]
@@ -118,6 +123,10 @@ class ModelArguments:
         for name in ("bottleneck_dim", "lora_rank", "lora_alpha"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
+        if self.drop_path_rate is not None and not 0 <= self.drop_path_rate < 1:
+            raise ValueError(f"--drop_path_rate must be in [0, 1), got {self.drop_path_rate}.")
+        if self.drop_path_rate is not None and type(self) is not ModelArguments:
+            raise ValueError("--drop_path_rate applies to image classification (scripts/train.py) only.")
 
 
 @dataclass

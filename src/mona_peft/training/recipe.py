@@ -227,6 +227,12 @@ def load_classifier(model_args: ModelArguments, labels: list[str], model_path: s
         label2id={label: i for i, label in enumerate(labels)},
         **hub,
     )
+    if model_args.drop_path_rate is not None:
+        if not hasattr(config, "drop_path_rate"):
+            raise ModelError(
+                f"--drop_path_rate: {path} ({config.model_type}) has no stochastic depth to set; leave the option out."
+            )
+        config.drop_path_rate = model_args.drop_path_rate
     try:
         return AutoModelForImageClassification.from_pretrained(
             path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **hub

@@ -151,6 +151,8 @@ def load_trained_detector(directory: str | Path) -> nn.Module:
     import transformers
     from peft import PeftModel
 
+    from ..inference import resolve_base_model
+
     directory = Path(directory)
     if not (directory / "adapter_config.json").is_file():
         return transformers.AutoModelForObjectDetection.from_pretrained(directory).eval()
@@ -161,7 +163,8 @@ def load_trained_detector(directory: str | Path) -> nn.Module:
     else:
         model = transformers.AutoModelForObjectDetection.from_config(config)
         cls = _backbone_class(config.backbone_config.model_type)
-        backbone = cls.from_pretrained(meta["backbone_checkpoint"], out_features=config.backbone_config.out_features)
+        checkpoint = resolve_base_model(meta["backbone_checkpoint"])  # a cache path of the machine that trained it
+        backbone = cls.from_pretrained(checkpoint, out_features=config.backbone_config.out_features)
         _backbone_module(model, cls).load_state_dict(backbone.state_dict())
         if (directory / FROZEN_FILE).is_file():
             from safetensors.torch import load_file

@@ -170,6 +170,8 @@ def load_trained_segmenter(directory: str | Path) -> nn.Module:
     from peft import PeftModel
     from transformers import SwinBackbone, UperNetConfig, UperNetForSemanticSegmentation
 
+    from ..inference import resolve_base_model
+
     directory = Path(directory)
     if not (directory / "adapter_config.json").is_file():
         return UperNetForSemanticSegmentation.from_pretrained(directory).eval()
@@ -178,7 +180,7 @@ def load_trained_segmenter(directory: str | Path) -> nn.Module:
     model = UperNetForSemanticSegmentation(config)
     if meta.get("backbone_checkpoint"):
         model.backbone = SwinBackbone.from_pretrained(
-            meta["backbone_checkpoint"], out_features=config.backbone_config.out_features
+            resolve_base_model(meta["backbone_checkpoint"]), out_features=config.backbone_config.out_features
         )
     elif meta.get("base_checkpoint"):
         model = UperNetForSemanticSegmentation.from_pretrained(meta["base_checkpoint"], config=config)
