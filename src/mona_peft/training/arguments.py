@@ -71,6 +71,17 @@ _RECIPE_DEFAULTS: dict[str, Any] = {
 }
 
 
+def arg(default: Any = None, help: str | None = None, **metadata: Any) -> Any:
+    """A field of an argument dataclass: its default and its ``--help`` text (and argparse extras, e.g. ``choices``),
+    for a task's arguments that re-declare a shared one."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+def method_arg(methods: Sequence[str], mona: str, lora: str) -> Any:
+    """A task's ``--method`` field: its choices, and what ``mona`` and ``lora`` train in that task."""
+    return arg("mona", f"mona: {mona}; lora: {lora}; full: every parameter.", choices=list(methods))
+
+
 @dataclass
 class ModelArguments:
     """Which backbone to fine-tune, and how."""
@@ -108,12 +119,9 @@ class ModelArguments:
     cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models are cached."})
     model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of a Hub model."})
     token: str | None = field(default=None, metadata={"help": "Hub token for private models (default: login)."})
-    drop_path_rate: float | None = field(
-        default=None,
-        metadata={
-            "help": "Stochastic depth of the backbone (official Mona recipe: 0.3), for checkpoints that have it "
-            "(Swin, DINOv2, BEiT); default: the checkpoint's own."
-        },
+    drop_path_rate: float | None = arg(
+        help="Stochastic depth of the backbone (official Mona recipe: 0.3), for checkpoints that have it (Swin, "
+        "DINOv2, BEiT); default: the checkpoint's own."
     )
 
     def __post_init__(self) -> None:
@@ -202,17 +210,6 @@ class DataArguments:
             raise ValueError("Give either --dataset_name or image folders (--train_dir ...), not both.")
         if self.train_dir is None and (self.validation_dir or self.test_dir):
             raise ValueError("--validation_dir and --test_dir need --train_dir.")
-
-
-def arg(default: Any = None, help: str | None = None, **metadata: Any) -> Any:
-    """A field of an argument dataclass: its default and its ``--help`` text (and argparse extras, e.g. ``choices``),
-    for a task's arguments that re-declare a shared one."""
-    return field(default=default, metadata={"help": help, **metadata})
-
-
-def method_arg(methods: Sequence[str], mona: str, lora: str) -> Any:
-    """A task's ``--method`` field: its choices, and what ``mona`` and ``lora`` train in that task."""
-    return arg("mona", f"mona: {mona}; lora: {lora}; full: every parameter.", choices=list(methods))
 
 
 @dataclass
