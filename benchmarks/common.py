@@ -28,20 +28,21 @@ DOCS_DIR = REPO / "docs"
 LORA_RANK = 16
 HEAD = "classifier"
 
-# ----------------------------------------------------------------------------------------------------- the machine
 
-
-def proc_field(path: str, name: str) -> int | None:
-    """The first number of line ``name:`` of a /proc file (kB for memory), or None (not Linux)."""
-    with contextlib.suppress(OSError, StopIteration):
-        return int(next(x for x in Path(path).read_text().splitlines() if x.startswith(name + ":")).split()[1])
+def proc_field(path: str, name: str) -> str | None:
+    """The text after ``name:`` in a /proc file (``/proc/meminfo``: ``"16384 kB"``), or None (absent, not Linux)."""
+    with contextlib.suppress(OSError):
+        for line in Path(path).read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == name:
+                return value.strip()
     return None
 
 
-def total_memory_gib() -> float | None:
-    """The machine's memory in GiB (None where unknown)."""
-    kib = proc_field("/proc/meminfo", "MemTotal")
-    return None if kib is None else round(kib / 2**20, 1)
+def proc_mib(path: str, name: str) -> float | None:
+    """A memory field of a /proc file (in kB there) in MiB, or None."""
+    value = proc_field(path, name)
+    return None if value is None else int(value.split()[0]) / 1024
 
 
 def git(*args: str) -> str:
@@ -72,25 +73,19 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
     import peft
     import transformers
 
-    cpu = next((x.split(":", 1)[1].strip() for x in _lines("/proc/cpuinfo") if x.startswith("model name")), None)
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     module = spec.name if spec is not None and spec.name else Path(sys.argv[0]).stem
-    info: dict[str, Any] = {"cpu": cpu or platform.processor() or platform.machine(), "logical_cores": os.cpu_count()}
-    info |= {"torch_threads": torch.get_num_threads(), "memory_gib": total_memory_gib()}
-    info |= {"python": platform.python_version(), "torch": torch.__version__}
-    info |= {"transformers": transformers.__version__, "peft": peft.__version__, "device": device}
-    info |= {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    memory = proc_mib("/proc/meminfo", "MemTotal")
+    cpu = proc_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine()
+    info: dict[str, Any] = {"cpu": cpu, "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    info |= {"memory_gib": None if memory is None else round(memory / 1024, 1), "python": platform.python_version()}
+    info |= {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+    info |= {"device": device, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     info |= {"load_average_at_start": load_average(), "git": git_revision()}
     info["command"] = " ".join(["python", "-m", module, *map(shlex.quote, sys.argv[1:])])
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
-
-
-def _lines(path: str) -> list[str]:
-    with contextlib.suppress(OSError):
-        return Path(path).read_text().splitlines()
-    return []
 
 
 def write_results(name: str, payload: dict[str, Any], results_dir: Path | None = None) -> Path:
@@ -100,9 +95,6 @@ def write_results(name: str, payload: dict[str, Any], results_dir: Path | None =
     path = directory / f"{name}.json"
     path.write_text(json.dumps(payload, indent=1) + "\n")
     return path
-
-
-# ---------------------------------------------------------------------------------------- interleaved measurements
 
 
 def describe(values: Sequence[float]) -> dict[str, Any]:
@@ -132,9 +124,8 @@ def ratios(records: list[dict], pairs: Iterable[str], key: str = "ms") -> dict[s
 
 def per_method(records: list[dict], key: str = "ms") -> dict[str, dict[str, Any]]:
     """:func:`describe` of ``key`` per method, in order of first appearance."""
-    return {
-        m: describe([r[key] for r in records if r["method"] == m]) for m in dict.fromkeys(r["method"] for r in records)
-    }
+    methods = dict.fromkeys(r["method"] for r in records)
+    return {m: describe([r[key] for r in records if r["method"] == m]) for m in methods}
 
 
 def mean_ms(fn: Callable[[], Any], calls: int) -> float:
@@ -161,7 +152,7 @@ def interleave(variants: dict[str, Callable[[], Any]], rounds: int, calls: int, 
     return records
 
 
-# ------------------------------------------------------------------------------------------------------ the models
+_FAMILIES = {"vit": "ViT", "swin": "Swin", "dinov2": "Dinov2"}  # transformers' class-name prefixes
 
 
 @dataclass(frozen=True)
@@ -178,8 +169,7 @@ class ModelSpec:
         """The transformers config, with ``extra`` arguments on top."""
         import transformers
 
-        names = {"vit": "ViTConfig", "swin": "SwinConfig", "dinov2": "Dinov2Config"}
-        return getattr(transformers, names[self.family])(**{**self.kwargs, **extra})
+        return getattr(transformers, f"{_FAMILIES[self.family]}Config")(**{**self.kwargs, **extra})
 
 
 def _swin(embed_dim: int, depths: list[int], heads: list[int]) -> dict[str, Any]:
@@ -220,16 +210,12 @@ def build_classifier(spec: ModelSpec, num_labels: int = 1000) -> nn.Module:
     """An image classifier of ``spec``'s family, randomly initialised from its config (on the current device)."""
     import transformers
 
-    names = {"vit": "ViT", "swin": "Swin", "dinov2": "Dinov2"}
-    return getattr(transformers, f"{names[spec.family]}ForImageClassification")(spec.config(num_labels=num_labels))
+    return getattr(transformers, f"{_FAMILIES[spec.family]}ForImageClassification")(spec.config(num_labels=num_labels))
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
     """The backbone of a transformers classifier (``model.vit``, ``model.swin``, ...): everything but the head."""
     return getattr(model, model.base_model_prefix)
-
-
-# ----------------------------------------------------------------------------------------------------- the methods
 
 
 def lora_target_modules(model: nn.Module) -> list[str]:
@@ -250,19 +236,15 @@ def lora_config(model: nn.Module | None = None, modules_to_save: list[str] | Non
     return LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=targets, modules_to_save=modules_to_save)
 
 
-def mona_config(
-    bottleneck_dim: int = 64, modules_to_save: list[str] | None = None, default_heads: bool = False
-) -> Any:
-    """Mona with the paper's defaults (kernels 3/5/7, dropout 0.1, both positions).
-
-    Nothing is trained in full unless ``modules_to_save`` names it, or ``default_heads`` asks for MonaConfig's own
-    default (the task head). How the adapters compute is a runtime choice: ``mona_peft.set_compute``.
-    """
+def mona_config(bottleneck_dim: int = 64, modules_to_save: list[str] | None = None,
+                default_heads: bool = False) -> Any:  # fmt: skip
+    """Mona with the paper's defaults (kernels 3/5/7, dropout 0.1, both positions). Nothing is trained in full unless
+    ``modules_to_save`` names it, or ``default_heads`` asks for MonaConfig's own default (the task head). How the
+    adapters compute is a runtime choice: ``mona_peft.set_compute``."""
     from mona_peft import MonaConfig
 
-    return MonaConfig(
-        bottleneck_dim=bottleneck_dim, modules_to_save=None if default_heads else (modules_to_save or [])
-    )
+    heads = None if default_heads else (modules_to_save or [])
+    return MonaConfig(bottleneck_dim=bottleneck_dim, modules_to_save=heads)
 
 
 def count(parameters: Iterable[torch.Tensor]) -> int:

@@ -1,10 +1,10 @@
 """Trainable parameters of Mona (bottleneck 32/64/128) and of LoRA r=16 on q/v, and their share of the backbone.
 
-Models are built from their configs on the ``meta`` device and given uninitialised CPU storage (``to_empty``: address
-space, not memory) before an adapter is added, since Mona refuses blocks whose weights are on ``meta``. The adapter
-file size is that of ``adapter_model.safetensors`` from a real ``save_pretrained`` (fp32, adapter only).
+Models are built from their configs on ``meta`` and given unwritten CPU storage (``to_empty``: address space, not
+memory) before an adapter is added, since Mona refuses blocks on ``meta``. The adapter file size is that of
+``adapter_model.safetensors`` from a real ``save_pretrained`` (fp32, adapter only).
 
-    python -m benchmarks.params            # all models, Deformable DETR on Swin-B/L and the vision towers (minutes)
+    python -m benchmarks.params            # all models, Deformable DETR on Swin-B/L and the vision towers (~1 min)
     python -m benchmarks.params --quick    # Swin-T and Swin-L at bottleneck 64 only (smoke test)
 """
 
@@ -20,25 +20,12 @@ from typing import Any
 
 import torch
 import transformers as tf
-from peft import get_peft_model
+from peft import PeftConfig, get_peft_model
 from torch import nn
 
-import mona_peft  # noqa: F401  (registers the "mona" PEFT method)
-from benchmarks.common import (
-    LORA_RANK,
-    MODELS,
-    ModelSpec,
-    backbone_of,
-    build_classifier,
-    count,
-    lora_config,
-    lora_target_modules,
-    machine_info,
-    mona_config,
-    write_results,
-)
-from mona_peft.families import layout_for
-from mona_peft.layer import block_hidden_size
+from benchmarks import common
+from benchmarks.common import LORA_RANK, MODELS, count, lora_config, mona_config
+from mona_peft import MonaConfig, MonaLayer
 
 # Mona parameter counts of the official code at bottleneck 64, from its training logs (see docs/benchmarks.md).
 OFFICIAL_M64 = {"swin-t": 1_408_128, "swin-s": 2_867_328, "swin-b": 3_667_456, "swin-l": 5_267_712}
@@ -75,81 +62,84 @@ def mona_formula(hidden_sizes: list[int], bottleneck: int, kernel_sizes: tuple[i
 
 def block_widths(model: nn.Module) -> list[int]:
     """Residual width of every transformer block Mona wraps (one entry per block)."""
-    return [block_hidden_size(m) for _, m in model.named_modules() if layout_for(m) is not None]
+    return [layer.hidden_size for layer in model.modules() if isinstance(layer, MonaLayer)]
 
 
-def adapted(build: Callable[[], nn.Module], config: Any) -> tuple[nn.Module, nn.Module]:
-    """``build()`` on ``meta``, and a PEFT model of a second copy given unwritten CPU storage (parameter counts and
-    shapes are all that is read from the base; pages never written are never made resident)."""
+def adapted(build: Callable[[], nn.Module], config: PeftConfig, inside: str = "") -> tuple[nn.Module, nn.Module, int]:
+    """``build()`` on ``meta`` (the probe: counts and names), a PEFT model of a second copy given unwritten CPU storage
+    (pages never written are never made resident), and its adapter parameters: all inside the sub-module named
+    ``inside``, and for Mona equal to :func:`mona_formula`."""
     with torch.device("meta"):
         probe, base = build(), build()
     base = base.to_empty(device="cpu")
     base.tie_weights()  # to_empty gives each module its own storage: tie shared heads again (detectors, 5.x)
-    return probe, get_peft_model(base, config)
-
-
-def adapter_params(model: nn.Module, marker: str = ".mona_", inside: str | None = None) -> int:
-    """Parameters whose name contains ``marker``; with ``inside``, refuse any outside that sub-module."""
-    names = [n for n, _ in model.named_parameters() if marker in n]
-    if inside and (outside := [n for n in names if inside not in n]):
-        raise AssertionError(f"Mona parameters outside the backbone: {outside[:3]}")
-    return count(p for n, p in model.named_parameters() if marker in n)
+    model, mona = get_peft_model(base, config), isinstance(config, MonaConfig)
+    names = {n: p.numel() for n, p in model.named_parameters() if (".mona_" if mona else "lora_") in n}
+    if outside := [n for n in names if inside not in n]:
+        raise AssertionError(f"adapter parameters outside {inside}: {outside[:3]}")
+    params = sum(names.values())
+    if mona and params != (formula := mona_formula(block_widths(model), config.bottleneck_dim, config.kernel_sizes)):
+        raise AssertionError(f"{type(probe).__name__}: {params:,} Mona parameters, formula {formula:,}")
+    return probe, model, params
 
 
 def saved_adapter_bytes(peft_model: nn.Module) -> int:
-    """Bytes of ``adapter_model.safetensors`` from ``save_pretrained`` (meta adapter weights made real zeros first)."""
-    for module in peft_model.modules():
-        for name, param in list(module.named_parameters(recurse=False)):
-            if param.requires_grad and param.device.type == "meta":
-                setattr(module, name, nn.Parameter(torch.zeros(param.shape, dtype=param.dtype)))
+    """Bytes of ``adapter_model.safetensors`` from ``save_pretrained``."""
     with tempfile.TemporaryDirectory() as directory:
         peft_model.save_pretrained(directory)
         return (Path(directory) / "adapter_model.safetensors").stat().st_size
 
 
-def _check_formula(name: str, params: int, widths: list[int], bottleneck: int) -> None:
-    if params != mona_formula(widths, bottleneck):
-        raise AssertionError(f"{name}: {params:,} Mona parameters, formula {mona_formula(widths, bottleneck):,}")
+def official(key: str, mona_params: int, bottleneck: int) -> dict[str, Any]:
+    """The official code's count at bottleneck 64 and whether Mona's matches it (None at another bottleneck)."""
+    matches = mona_params == OFFICIAL_M64[key] if bottleneck == 64 else None
+    return {"official_mona_params_m64": OFFICIAL_M64[key], "matches_official": matches}
 
 
-def measure_model(spec: ModelSpec, bottlenecks: tuple[int, ...]) -> dict[str, Any]:
-    """Backbone size, Mona at each bottleneck and LoRA r=16 on q/v for one model."""
+def measure_model(spec: common.ModelSpec, bottlenecks: tuple[int, ...]) -> dict[str, Any]:
+    """Backbone size, Mona at each bottleneck and LoRA r=16 on q/v for one classifier of the model zoo."""
+    build = functools.partial(common.build_classifier, spec)
     entry: dict[str, Any] = {"key": spec.key, "name": spec.name, "family": spec.family, "mona": []}
     for m in bottlenecks:
-        probe, model = adapted(lambda: build_classifier(spec), mona_config(bottleneck_dim=m))
-        backbone, widths, params = count(backbone_of(probe).parameters()), block_widths(probe), adapter_params(model)
-        share = {"share_of_backbone": params / backbone, "adapter_file_bytes": saved_adapter_bytes(model)}
-        entry["mona"].append({"bottleneck": m, "params": params, "formula": mona_formula(widths, m), **share})
+        probe, model, params = adapted(build, mona_config(bottleneck_dim=m))
+        backbone, widths = count(common.backbone_of(probe).parameters()), block_widths(model)
+        row = {
+            "bottleneck": m,
+            "params": params,
+            "formula": mona_formula(widths, m),
+            "share_of_backbone": params / backbone,
+        }
+        entry["mona"].append(row | {"adapter_file_bytes": saved_adapter_bytes(model)})
     entry |= {"blocks": len(widths), "block_widths": sorted(set(widths)), "backbone_params": backbone}
-    targets = lora_target_modules(probe)
-    probe, model = adapted(lambda: build_classifier(spec), lora_config(targets=targets))
-    params = adapter_params(model, "lora_")
+    _, model, params = adapted(build, lora_config(targets=(targets := common.lora_target_modules(probe))))
     entry["lora"] = {"rank": LORA_RANK, "targets": targets, "params": params, "share_of_backbone": params / backbone}
     entry["lora"]["adapter_file_bytes"] = saved_adapter_bytes(model)
     if spec.key in OFFICIAL_M64 and 64 in bottlenecks:
-        entry["official_mona_params_m64"] = OFFICIAL_M64[spec.key]
-        entry["matches_official"] = entry["mona"][bottlenecks.index(64)]["params"] == OFFICIAL_M64[spec.key]
+        entry |= official(spec.key, entry["mona"][bottlenecks.index(64)]["params"], 64)
+    print(f"{spec.name:12s} backbone {backbone:>12,}  Mona {[r['params'] for r in entry['mona']]}  LoRA {params:,}")
     return entry
+
+
+def heads_trained(model: nn.Module, mona: int, expected: int) -> int:
+    """Trainable parameters besides Mona's, checked against ``expected``: MonaConfig's default ``modules_to_save``
+    trains exactly the task heads."""
+    if (trainable := count(p for p in model.parameters() if p.requires_grad) - mona) != expected:
+        raise AssertionError(f"{trainable:,} parameters trained besides Mona, expected {expected:,}")
+    return trainable
 
 
 def measure_upernet_swin_l(bottleneck: int = 64) -> dict[str, Any]:
     """UperNet (ADE20K, 150 classes) with a Swin-L backbone: Mona in the backbone only, share of the backbone."""
-    backbone_config = MODELS["swin-l"].config(out_features=["stage1", "stage2", "stage3", "stage4"])
-    config = tf.UperNetConfig(backbone_config=backbone_config, num_labels=150)
+    swin = MODELS["swin-l"].config(out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = tf.UperNetConfig(backbone_config=swin, num_labels=150)
     build = functools.partial(tf.UperNetForSemanticSegmentation, config)
-    probe, model = adapted(build, mona_config(bottleneck_dim=bottleneck, default_heads=True))
-    backbone, params = count(probe.backbone.parameters()), adapter_params(model, inside=".backbone.")
+    probe, model, mona = adapted(build, mona_config(bottleneck, default_heads=True), inside=".backbone.")
+    backbone = count(probe.backbone.parameters())
     heads = {name: count(module.parameters()) for name, module in probe.named_children() if name != "backbone"}
-    trainable = count(p for p in model.parameters() if p.requires_grad)
-    if trainable != params + sum(heads.values()):  # MonaConfig's default trains exactly the heads besides Mona
-        raise AssertionError(f"{trainable:,} trainable, expected Mona + heads = {params + sum(heads.values()):,}")
     found = {"name": "UperNet-Swin-L", "bottleneck": bottleneck, "backbone_params": backbone, "head_params": heads}
-    found |= {"mona_params": params, "share_of_backbone": params / backbone, "trainable_with_heads": trainable}
-    official = OFFICIAL_M64["swin-l"]
-    return found | {
-        "official_mona_params_m64": official,
-        "matches_official": params == official if bottleneck == 64 else None,
-    }
+    found |= {"mona_params": mona, "share_of_backbone": mona / backbone}
+    found["trainable_with_heads"] = mona + heads_trained(model, mona, sum(heads.values()))
+    return found | official("swin-l", mona, bottleneck)
 
 
 def measure_detectors(bottleneck: int = 64) -> list[dict[str, Any]]:
@@ -158,55 +148,38 @@ def measure_detectors(bottleneck: int = 64) -> list[dict[str, Any]]:
     backbone's q/v."""
     rows = []
     for key in ("swin-b", "swin-l"):
-        spec, levels = MODELS[key], ["stage2", "stage3", "stage4"]
-        config = tf.DeformableDetrConfig(backbone_config=spec.config(out_features=levels), backbone=None,
-                                         use_timm_backbone=False, use_pretrained_backbone=False, num_labels=91,
-                                         num_feature_levels=4)  # fmt: skip
+        spec, swin = MODELS[key], MODELS[key].config(out_features=["stage2", "stage3", "stage4"])
+        kwargs = dict(backbone=None, use_timm_backbone=False, use_pretrained_backbone=False, num_feature_levels=4)
+        config = tf.DeformableDetrConfig(backbone_config=swin, num_labels=91, **kwargs)
         build = functools.partial(tf.DeformableDetrForObjectDetection, config)
-        probe, model = adapted(build, mona_config(bottleneck, default_heads=True))
-        backbone, detector, widths = (
-            count(probe.model.backbone.parameters()),
-            count(probe.parameters()),
-            block_widths(probe),
-        )
-        mona = adapter_params(model, inside=".backbone.")
-        _check_formula(key, mona, widths, bottleneck)
-        trainable = count(p for p in model.parameters() if p.requires_grad) - mona
+        probe, model, mona = adapted(build, mona_config(bottleneck, default_heads=True), inside=".backbone.")
+        backbone, detector = count(probe.model.backbone.parameters()), count(probe.parameters())
         bare = probe.model.level_embed.numel()  # a bare parameter: modules_to_save cannot hold it, it stays frozen
-        if trainable != detector - backbone - bare:
-            raise AssertionError(f"{key}: {trainable:,} trained besides Mona, expected {detector - backbone - bare:,}")
         # LoRA on the backbone alone: PEFT 0.21 cannot wrap these detectors with LoRA on transformers 5.x
         # (`get_input_embeddings` not auto-handled, the error Mona works around); the count is the same.
-        swin = functools.partial(tf.SwinBackbone, spec.config(out_features=levels))
-        lora = adapter_params(adapted(swin, lora_config(targets=lora_target_modules(probe)))[1], "lora_")
-        row = {"name": f"Deformable DETR, {spec.name}", "backbone": spec.name, "blocks": len(widths)}
+        targets = common.lora_target_modules(probe)
+        lora = adapted(functools.partial(tf.SwinBackbone, swin), lora_config(targets=targets))[2]
+        row = {"name": f"Deformable DETR, {spec.name}", "backbone": spec.name, "blocks": len(block_widths(model))}
         row |= {"bottleneck": bottleneck, "backbone_params": backbone, "detector_params": detector}
-        row |= {"mona_params": mona, "mona_share": mona / backbone, "detector_parts_params": trainable}
-        row |= {"frozen_outside_backbone": bare, "official_mona_params_m64": OFFICIAL_M64[key]}
-        row |= {"matches_official": mona == OFFICIAL_M64[key] if bottleneck == 64 else None}
+        row |= {"mona_params": mona, "mona_share": mona / backbone}
+        row |= {"detector_parts_params": heads_trained(model, mona, detector - backbone - bare)}
+        row |= {"frozen_outside_backbone": bare, **official(key, mona, bottleneck)}
         rows.append(row | {"lora_params": lora, "lora_share": lora / backbone})
         print(f"{row['name']:28s} backbone {backbone:>12,}  Mona m={bottleneck} {mona:,}  LoRA {lora:,}")
     return rows
 
 
-def _tower(model_class: str, config_class: str, kwargs: dict[str, Any]) -> nn.Module:
-    from transformers.models.qwen2_vl import modeling_qwen2_vl
-
-    config = getattr(tf, config_class)(**kwargs)
-    if hasattr(tf, model_class):
-        return getattr(tf, model_class)(config)
-    return getattr(modeling_qwen2_vl, model_class)._from_config(config)  # Qwen2-VL's tower is not exported
-
-
 def measure_towers(bottleneck: int = 64) -> list[dict[str, Any]]:
     """Mona (every block of the tower) next to LoRA r=16 on the attention projections, per vision tower."""
+    from transformers.models.qwen2_vl import modeling_qwen2_vl  # Qwen2-VL's tower is not exported
+
     rows = []
     for name, (model_class, config_class, kwargs, targets) in TOWERS.items():
-        build = functools.partial(_tower, model_class, config_class, kwargs)
-        probe, model = adapted(build, mona_config(bottleneck_dim=bottleneck))
-        backbone, widths, mona = count(probe.parameters()), block_widths(probe), adapter_params(model)
-        _check_formula(name, mona, widths, bottleneck)
-        lora = adapter_params(adapted(build, lora_config(targets=targets))[1], "lora_")
+        model_class = getattr(tf if hasattr(tf, model_class) else modeling_qwen2_vl, model_class)
+        build = functools.partial(model_class, getattr(tf, config_class)(**kwargs))
+        probe, model, mona = adapted(build, mona_config(bottleneck_dim=bottleneck))
+        backbone, widths = count(probe.parameters()), block_widths(model)
+        lora = adapted(build, lora_config(targets=targets))[2]
         row = {"name": name, "blocks": len(widths), "width": widths[0], "backbone_params": backbone}
         row |= {"bottleneck": bottleneck, "mona_params": mona, "mona_share": mona / backbone, "lora_targets": targets}
         rows.append(row | {"lora_params": lora, "lora_share": lora / backbone})
@@ -220,30 +193,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="Swin-T and Swin-L at bottleneck 64 only")
     parser.add_argument("--results-dir", type=Path, default=None, help="where to write params.json")
     args = parser.parse_args(argv)
-    start = time.perf_counter()
+    start, bottlenecks = time.perf_counter(), (64,) if args.quick else BOTTLENECKS
     torch.manual_seed(0)
-    bottlenecks = (64,) if args.quick else BOTTLENECKS
-    settings = {"bottlenecks": list(bottlenecks), "lora_rank": LORA_RANK, "dtype": "float32"}
-    payload: dict[str, Any] = {
-        "benchmark": "params",
-        "quick": args.quick,
-        "machine": machine_info(),
-        "settings": settings,
-    }
-    payload["models"] = []
-    for key in QUICK_MODELS if args.quick else FULL_MODELS:
-        payload["models"].append(entry := measure_model(MODELS[key], bottlenecks))
-        shares = ", ".join(
-            f"m={r['bottleneck']}: {r['params']:,} ({r['share_of_backbone']:.2%})" for r in entry["mona"]
-        )
-        lora = entry["lora"]["params"]
-        print(f"{entry['name']:12s} backbone {entry['backbone_params']:>12,}  Mona {shares}  LoRA {lora:,}")
+    payload: dict[str, Any] = {"benchmark": "params", "quick": args.quick, "machine": common.machine_info()}
+    payload["settings"] = {"bottlenecks": list(bottlenecks), "lora_rank": LORA_RANK, "dtype": "float32"}
+    models = QUICK_MODELS if args.quick else FULL_MODELS
+    payload["models"] = [measure_model(MODELS[key], bottlenecks) for key in models]
     payload["upernet_swin_l"] = measure_upernet_swin_l()
     if not args.quick:
         payload |= {"detectors": measure_detectors(), "paper_coco_swin_b_params": PAPER_COCO_SWIN_B}
         payload["towers"] = measure_towers()
     payload["seconds"] = round(time.perf_counter() - start, 1)
-    path = write_results("params_quick" if args.quick else "params", payload, args.results_dir)
+    path = common.write_results("params_quick" if args.quick else "params", payload, args.results_dir)
     print(f"wrote {path} in {payload['seconds']} s")
     return payload
 

@@ -1,16 +1,12 @@
-"""Where Mona's time goes: torch.profiler on one Mona module at ViT-B/16 shapes and on a full ViT-B/16 train step.
+"""Where Mona's time goes: torch.profiler on one Mona module at ViT-B/16 shapes and on a ViT-B/16 train step, through
+the public API only (``MonaAdapter`` and its ``fused`` / ``merge_filters`` flags, ``disable_adapter()``, module hooks).
 
-Only the public API: :class:`mona_peft.MonaAdapter` and its ``fused`` / ``merge_filters`` flags, PEFT's
-``disable_adapter()``, module hooks and ``torch.profiler``; nothing in the package is patched.
-
-1. **One module** ([32, 197, 768], 14x14 grid, bottleneck 64) in its plain-op (``fused=False``) and fused forms:
-   :func:`staged_forward` runs the adapter's own sub-modules through the ops of ``MonaAdapter.forward`` with a
-   ``record_function`` per stage (checked bit-identical first); backward nodes are charged to the stage whose forward
-   op created them (autograd sequence numbers); median over separately profiled iterations.
-2. **Plain ops vs fused**, interleaved rounds with an A/A pair; what autograd saves for backward.
-3. **A full train step** (ViT-B/16, batch 8, Mona, AdamW): Mona's compute (ranges opened by hooks on every adapter)
-   and its glue (aten ops run in ``mona_peft`` outside the adapters, from the profiler's Python stacks).
-4. **Glue per block call** on a tiny model: wrapped vs plain, with adapters disabled, and the adapters alone.
+1. One module ([32, 197, 768], 14x14 grid, m = 64), plain-op and fused: :func:`staged_forward` (checked bit-identical)
+   times each stage; backward nodes are charged to the stage whose forward ops created them (sequence numbers).
+2. Plain ops vs fused in interleaved rounds with an A/A twin; what autograd saves for backward.
+3. A train step (batch 8, AdamW): Mona's compute (ranges opened by hooks on every adapter) and its glue (aten ops run
+   in ``mona_peft`` outside the adapters, from the profiler's Python stacks).
+4. Glue per block call on a tiny model: wrapped vs plain, with adapters disabled, and the adapters alone.
 
     python -m benchmarks.profile_mona           # ~2-5 minutes on 2 cores
     python -m benchmarks.profile_mona --quick   # small shapes (smoke test)
@@ -24,7 +20,7 @@ import random
 import re
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +34,6 @@ from mona_peft import MonaAdapter
 from mona_peft.filters import merged_filter, merged_filter_params, reference_filter
 from mona_peft.fused import scaled_norm_down
 
-BACKWARD_PREFIX = "autograd::engine::evaluate_function: "
 STAGE_NORM = "scaled norm: LN(x)*s1 + x*s2"
 STAGE_DOWN = "down projection (C -> m)"
 STAGE_NORM_DOWN = "scaled norm + down (fused function)"
@@ -51,15 +46,25 @@ STAGE_PROJ = "projector: 1x1 conv + skip, as (W + I)"
 STAGE_GELU = "GELU + dropout"
 STAGE_UP = "up projection (m -> C)"
 STAGE_PREFIX = "zero prefix-token delta"
+UNLINKED = "(backward, not linked: grad accumulation, ...)"
 COMPUTE_LABEL = "mona: compute"
 GLUE_FORWARD = "mona glue (aten ops in mona_peft outside the adapters): forward"
 GLUE_BACKWARD = "mona glue (aten ops in mona_peft outside the adapters): backward"
+BACKWARD_PREFIX = "autograd::engine::evaluate_function: "
+FB = ("forward_ms", "backward_ms")
 # A Python frame as the profiler names it with with_stack=True: "path/to/file.py(123): function".
 _FRAME = re.compile(r"^(?P<path>.+?\.py)\(\d+\): ")
 # Files of the package that compute Mona itself; any other mona_peft file is glue (hooks, mixed-batch routing).
 _COMPUTE_FILES = ("adapter.py", "fused.py", "filters.py")
 _OTHER_OWNERS = ("transformers", "peft", "benchmarks")
-FB = ("forward_ms", "backward_ms")
+# quick / full: module shapes (ViT-B/16, Swin-T stage 1), profiled iterations, interleaved rounds and calls per
+# measurement, the train step's model, batch and iterations.
+SETTINGS = {
+    True: (dict(batch=2, prefix=1, grid=4, hidden=32, bottleneck=8), dict(batch=2, prefix=0, grid=8, hidden=16,
+           bottleneck=8), 2, 3, 2, "tiny-vit", 2, 1),
+    False: (dict(batch=32, prefix=1, grid=14, hidden=768, bottleneck=64), dict(batch=32, prefix=0, grid=56, hidden=96,
+            bottleneck=64), 7, 11, 3, "vit-b", 8, 3),
+}  # fmt: skip
 
 
 def stages_of(adapter: MonaAdapter, num_prefix: int) -> tuple[str, ...]:
@@ -70,26 +75,19 @@ def stages_of(adapter: MonaAdapter, num_prefix: int) -> tuple[str, ...]:
     return (*head, STAGE_GRID, *conv, STAGE_CAT, STAGE_PROJ, STAGE_GELU, STAGE_UP, *tail)
 
 
-# ------------------------------------------------------------------------------------- the module, stage by stage
-
-
 def staged_forward(adapter: MonaAdapter, x: torch.Tensor, grid: tuple[int, int], num_prefix: int) -> torch.Tensor:
     """``adapter(x, grid, num_prefix)`` written out from the adapter's public sub-modules and parameters, with one
     ``record_function`` per stage (labels: :func:`stages_of`): the same ops in the same order as
-    ``MonaAdapter.forward`` for parameters in ``x``'s dtype (checked for bit-identical results by
-    :func:`check_staged`)."""
+    ``MonaAdapter.forward`` for parameters in ``x``'s dtype (checked bit-identical by :func:`check_staged`)."""
     if any(p.dtype != x.dtype for p in adapter.parameters()):
         raise ValueError("staged_forward mirrors the path without casts: parameters and input in one dtype")
-    batch, tokens, channels = x.shape
-    height, width = grid
+    (batch, tokens, channels), (height, width), norm, down = x.shape, grid, adapter.norm, adapter.down
     if tokens != num_prefix + height * width:
         raise ValueError(f"{tokens} tokens do not fit a {height}x{width} grid with {num_prefix} prefix token(s)")
-    norm, down = adapter.norm, adapter.down
     if adapter.fused:
         with record_function(STAGE_NORM_DOWN):
-            h = scaled_norm_down(
-                x, norm.weight, norm.bias, adapter.scale_norm, adapter.scale_skip, down.weight, down.bias, norm.eps
-            )
+            scales = (adapter.scale_norm, adapter.scale_skip)
+            h = scaled_norm_down(x, norm.weight, norm.bias, *scales, down.weight, down.bias, norm.eps)
     else:
         with record_function(STAGE_NORM):
             scaled = F.layer_norm(x, (channels,), norm.weight, norm.bias, norm.eps)
@@ -99,8 +97,7 @@ def staged_forward(adapter: MonaAdapter, x: torch.Tensor, grid: tuple[int, int],
     with record_function(STAGE_GRID):
         prefix, patches = h.split([num_prefix, height * width], dim=1)
         image = patches.transpose(1, 2).reshape(batch, -1, height, width)
-    weights = [conv.weight for conv in adapter.convs]
-    biases = [conv.bias for conv in adapter.convs]
+    weights, biases = [conv.weight for conv in adapter.convs], [conv.bias for conv in adapter.convs]
     if adapter.merge_filters:
         with record_function(STAGE_MERGE):
             kernel, bias = merged_filter_params(weights, biases)
@@ -134,10 +131,8 @@ def check_staged(adapter: MonaAdapter, x: torch.Tensor, grid: tuple[int, int], n
     try:
         with torch.no_grad():
             if not torch.equal(staged_forward(adapter, x, grid, num_prefix), adapter(x, grid, num_prefix)):
-                raise AssertionError(
-                    f"staged_forward differs from MonaAdapter.forward (fused={adapter.fused}, "
-                    f"merge_filters={adapter.merge_filters}); update the copy"
-                )
+                raise AssertionError(f"staged_forward differs from MonaAdapter.forward (fused={adapter.fused}, "
+                                     f"merge_filters={adapter.merge_filters}); update the copy")  # fmt: skip
     finally:
         adapter.train(mode)
 
@@ -148,60 +143,63 @@ def _descendants(event: Any) -> Iterator[Any]:
         yield from _descendants(child)
 
 
+def _ancestors(event: Any) -> Iterator[Any]:
+    while (event := event.cpu_parent) is not None:
+        yield event
+
+
 def _in_backward(event: Any) -> bool:
-    parent = event.cpu_parent
-    while parent is not None and not parent.name.startswith(BACKWARD_PREFIX):
-        parent = parent.cpu_parent
-    return parent is not None
+    return any(a.name.startswith(BACKWARD_PREFIX) for a in _ancestors(event))
 
 
-def _top_backward(events: list[Any]) -> Iterator[Any]:
-    """The outermost autograd nodes run in backward."""
-    return (e for e in events if e.name.startswith(BACKWARD_PREFIX) and (e.cpu_parent is None or not _in_backward(e)))
+def charge(events: list[Any], roots: Iterable[tuple[str, Any]], names: Iterable[str]) -> dict[str, dict[str, float]]:
+    """Forward ms of each ``(name, event)`` root, and backward ms of the outermost autograd nodes created by the root
+    or any op under it (same autograd sequence number), by name; unlinked nodes under :data:`UNLINKED`."""
+    out, owner = {name: dict.fromkeys(FB, 0.0) for name in (*names, UNLINKED)}, {}
+    for name, root in roots:
+        out[name]["forward_ms"] += root.cpu_time_total / 1e3
+        owner |= {d.sequence_nr: name for d in (root, *_descendants(root)) if d.sequence_nr >= 0}
+    for e in events:
+        if e.name.startswith(BACKWARD_PREFIX) and not _in_backward(e):
+            out[owner.get(e.sequence_nr, UNLINKED)]["backward_ms"] += e.cpu_time_total / 1e3
+    return out
 
 
-def attribute(events: list[Any], labels: tuple[str, ...]) -> dict[str, dict[str, float]]:
-    """Forward ms of each ``record_function`` label, and backward ms of the autograd nodes its ops created."""
-    out = {label: dict.fromkeys(FB, 0.0) for label in labels}
-    owner: dict[int, str] = {}
-    for e in (e for e in events if e.name in out):
-        out[e.name]["forward_ms"] += e.cpu_time_total / 1e3
-        owner |= {d.sequence_nr: e.name for d in _descendants(e) if d.sequence_nr >= 0}
-    other = {"forward_ms": 0.0, "backward_ms": 0.0}
-    for e in _top_backward(events):
-        out.get(owner.get(e.sequence_nr), other)["backward_ms"] += e.cpu_time_total / 1e3
-    return out | {"(backward, not linked: grad accumulation, ...)": other}
-
-
-def _self_times(events: list[Any], name_of: Callable[[Any], str | None]) -> dict[str, dict[str, float]]:
+def self_times(events: list[Any], name_of: Callable[[Any], str | None]) -> dict[str, dict[str, float]]:
     """Self ms of the ops ``name_of`` names, by that name, split into forward and backward."""
     table: dict[str, dict[str, float]] = {}
     for e in events:
         if (name := name_of(e)) is not None:
-            row = table.setdefault(name, dict.fromkeys(FB, 0.0))
-            row["backward_ms" if _in_backward(e) else "forward_ms"] += e.self_cpu_time_total / 1e3
+            table.setdefault(name, dict.fromkeys(FB, 0.0))[FB[_in_backward(e)]] += e.self_cpu_time_total / 1e3
     return table
 
 
-def _copy_caller(event: Any) -> str | None:
+def copy_caller(event: Any) -> str | None:
     """For ``aten::copy_``: the op that called it, through contiguous/clone/to (where layouts change and casts run)."""
-    if event.name != "aten::copy_":
-        return None
-    parent = event.cpu_parent
-    while parent is not None and parent.name in ("aten::contiguous", "aten::clone", "aten::_to_copy", "aten::to"):
-        parent = parent.cpu_parent
-    return parent.name if parent is not None else "(top level)"
+    wrappers = ("aten::contiguous", "aten::clone", "aten::_to_copy", "aten::to")
+    if event.name == "aten::copy_":
+        return next((a.name for a in _ancestors(event) if a.name not in wrappers), "(top level)")
+    return None
 
 
-def _median_tables(tables: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+def owner_of(event: Any) -> str | None:
+    """Who called an op, from the profiler's Python stack: the nearest frame of mona_peft, transformers, peft or the
+    benchmarks. ``"compute"``: mona_peft's adapter, fused function or filters; ``"glue"``: any other mona_peft file."""
+    for frame in (m for a in _ancestors(event) if (m := _FRAME.match(a.name))):
+        path = "/" + frame["path"].replace("\\", "/")
+        if "/mona_peft/" in path:
+            return "compute" if path.rsplit("/", 1)[-1] in _COMPUTE_FILES else "glue"
+        if any(f"/{library}/" in path for library in _OTHER_OWNERS):
+            return None
+    return None
+
+
+def _median_tables(tables: tuple[dict[str, dict[str, float]], ...]) -> dict[str, dict[str, float]]:
     keys = dict.fromkeys(k for t in tables for k in t)
     return {k: {f: statistics.median(t.get(k, {}).get(f, 0.0) for t in tables) for f in FB} for k in keys}
 
 
-ModuleCase = tuple[MonaAdapter, torch.Tensor, torch.Tensor, tuple[int, int], int]
-
-
-def module_setup(shape: dict[str, int], seed: int, fused: bool = False) -> ModuleCase:
+def module_setup(shape: dict[str, int], seed: int, fused: bool = False) -> tuple[Any, ...]:
     """A Mona module of ``shape`` with non-trivial weights (official init: the up projection is not zero), its input,
     an output gradient, the grid and the prefix-token count."""
     torch.manual_seed(seed)
@@ -211,9 +209,11 @@ def module_setup(shape: dict[str, int], seed: int, fused: bool = False) -> Modul
     return adapter, x, torch.randn(x.shape, generator=generator), grid, shape["prefix"]
 
 
-def _pass(forward: Callable[[torch.Tensor], torch.Tensor], module: torch.nn.Module, x: torch.Tensor,
-          grad: torch.Tensor, train: bool) -> Callable[[], None]:  # fmt: skip
-    """A train pass (forward + backward, gradients dropped) or an inference pass of ``forward``."""
+def one_pass(forward: Callable[[torch.Tensor], torch.Tensor], module: torch.nn.Module, x: torch.Tensor,
+             grad: torch.Tensor, train: bool) -> Callable[[], None]:  # fmt: skip
+    """Put ``module`` in train or eval mode; a train pass of ``forward`` (forward + backward, gradients dropped) or an
+    inference pass."""
+    module.train(train)
 
     def run() -> None:
         if train:
@@ -231,51 +231,23 @@ def module_breakdown(shape: dict[str, int], iterations: int, seed: int, fused: b
     plain-op form or its fused one."""
     adapter, x, grad, grid, num_prefix = module_setup(shape, seed, fused)
     check_staged(adapter, x, grid, num_prefix)  # the instrumented copy computes exactly what the adapter computes
-    labels = stages_of(adapter, num_prefix)
-    result: dict[str, Any] = {"fused": fused, "merge_filters": adapter.merge_filters}
+    labels, result = stages_of(adapter, num_prefix), {"fused": fused, "merge_filters": adapter.merge_filters}
     for mode in ("train", "inference"):
-        adapter.train(mode == "train")
-        run = _pass(lambda v: staged_forward(adapter, v, grid, num_prefix), adapter, x, grad, mode == "train")
+        run = one_pass(lambda v: staged_forward(adapter, v, grid, num_prefix), adapter, x, grad, mode == "train")
         run(), run()
-        found: dict[str, list[Any]] = {"stages": [], "ops": [], "copies": [], "totals": []}
+        tables, totals = [], []
         for _ in range(iterations):
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 start = time.perf_counter()
                 run()
-                found["totals"].append((time.perf_counter() - start) * 1e3)
+                totals.append((time.perf_counter() - start) * 1e3)
             events = list(prof.events())
-            found["stages"].append(attribute(events, labels))
-            found["ops"].append(_self_times(events, lambda e: e.name if e.name.startswith("aten::") else None))
-            found["copies"].append(_self_times(events, _copy_caller))
-        ops = _median_tables(found["ops"])
-        top = sorted(ops.items(), key=lambda kv: -(kv[1]["forward_ms"] + kv[1]["backward_ms"]))[:14]
-        result[mode] = {"total_ms": common.describe(found["totals"]), "stages": _median_tables(found["stages"])}
-        result[mode] |= {"top_ops": dict(top), "copy_parents": _median_tables(found["copies"])}
-    return result
-
-
-def module_comparison(shape: dict[str, int], rounds: int, inner: int, seed: int) -> dict[str, Any]:
-    """Interleaved timing of one Mona module: plain ops (``fused=False``), its A/A twin (the same module again), and
-    the fused form (a copy, same weights, ``fused=True``); and what autograd saves for backward in each form."""
-    unfused, x, grad, grid, num_prefix = module_setup(shape, seed)
-    fused = copy.deepcopy(unfused)
-    fused.fused, rng = True, random.Random(seed)
-    variants = {"unfused": unfused, "unfused_twin": unfused, "fused": fused}
-    result: dict[str, Any] = {"shape": shape, "rounds": rounds, "calls_per_measurement": inner}
-    for mode in ("train", "inference"):
-        calls = {}
-        for name, adapter in variants.items():
-            adapter.train(mode == "train")
-            calls[name] = _pass(lambda v, a=adapter: a(v, grid, num_prefix), adapter, x, grad, mode == "train")
-        records = common.interleave(calls, rounds, inner, rng)
-        result[mode] = {
-            "ms": common.per_method(records),
-            "ratios": common.ratios(records, ["fused/unfused", "unfused_twin/unfused"]),
-        }
-    saved = {}
-    for name, adapter in (("unfused", unfused), ("fused", fused)):
-        saved[name] = saved_tensor_mib(lambda a=adapter: a(x.detach().requires_grad_(True), grid, num_prefix))
-    result["saved_for_backward_mib"] = saved
+            stages = charge(events, ((e.name, e) for e in events if e.name in labels), labels)
+            aten = self_times(events, lambda e: e.name if e.name.startswith("aten::") else None)
+            tables.append((stages, aten, self_times(events, copy_caller)))
+        stages, ops, copies = map(_median_tables, zip(*tables, strict=True))
+        top = dict(sorted(ops.items(), key=lambda kv: -sum(kv[1].values()))[:14])
+        result[mode] = {"total_ms": common.describe(totals), "stages": stages, "top_ops": top, "copy_parents": copies}
     return result
 
 
@@ -291,6 +263,26 @@ def saved_tensor_mib(run: Callable[[], torch.Tensor]) -> float:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         run()
     return sum(storages.values()) / 2**20
+
+
+def module_comparison(shape: dict[str, int], rounds: int, inner: int, seed: int) -> dict[str, Any]:
+    """Interleaved timing of one Mona module: plain ops (``fused=False``), its A/A twin (the same module again), and
+    the fused form (a copy, same weights, ``fused=True``); and what autograd saves for backward in each form."""
+    unfused, x, grad, grid, num_prefix = module_setup(shape, seed)
+    fused, rng = copy.deepcopy(unfused), random.Random(seed)
+    fused.fused, variants = True, {"unfused": unfused, "unfused_twin": unfused, "fused": fused}
+    result: dict[str, Any] = {"shape": shape, "rounds": rounds, "calls_per_measurement": inner}
+    for mode in ("train", "inference"):
+        calls = {name: one_pass(lambda v, a=a: a(v, grid, num_prefix), a, x, grad, mode == "train")
+                 for name, a in variants.items()}  # fmt: skip
+        records = common.interleave(calls, rounds, inner, rng)
+        pairs = ["fused/unfused", "unfused_twin/unfused"]
+        result[mode] = {"ms": common.per_method(records), "ratios": common.ratios(records, pairs)}
+    result["saved_for_backward_mib"] = {
+        name: saved_tensor_mib(lambda a=a: a(x.detach().requires_grad_(True), grid, num_prefix))
+        for name, a in (("unfused", unfused), ("fused", fused))
+    }
+    return result
 
 
 def filter_variants(shape: dict[str, int], rounds: int, inner: int, seed: int) -> dict[str, Any]:
@@ -312,52 +304,38 @@ def filter_variants(shape: dict[str, int], rounds: int, inner: int, seed: int) -
     return {"shape": shape, "ms": common.per_method(records), "ratios": ratios}
 
 
-# ---------------------------------------------------------------------------------------------- a full train step
+def op_costs(rounds: int, inner: int, seed: int) -> dict[str, Any]:
+    """A few ops on one [32, 197, 768] activation (ViT-B/16, batch 32): what a full-width pass costs here."""
+    generator = torch.Generator().manual_seed(seed)
+    x, gamma, beta, down, down2 = (torch.randn(*s, generator=generator) for s in
+                                   ((32, 197, 768), (768,), (768,), (64, 768), (128, 768)))  # fmt: skip
+    ops = {
+        "x * s (broadcast multiply)": lambda: x * gamma,
+        "addcmul(x, x, s)": lambda: torch.addcmul(x, x, gamma),
+        "layer_norm (with affine)": lambda: F.layer_norm(x, (768,), gamma, beta),
+        "var_mean over C": lambda: torch.var_mean(x, -1, keepdim=True, correction=0),
+        "linear C -> 64 (down projection)": lambda: F.linear(x, down),
+        "linear C -> 128": lambda: F.linear(x, down2),
+    }
+    with torch.no_grad():
+        records = common.interleave(ops, rounds, inner, random.Random(seed))
+    return {"shape": [32, 197, 768], "ms": common.per_method(records)}
 
 
 def label_adapters(model: torch.nn.Module, label: str = COMPUTE_LABEL) -> list[Any]:
     """Open a ``record_function(label)`` range when a ``MonaAdapter`` of ``model`` starts its forward and close it when
     it returns (forward pre-hooks and hooks); returns the hook handles."""
     handles = []
-    for module in (m for m in model.modules() if isinstance(m, MonaAdapter)):
-        ranges: list[Any] = []
-        handles.append(
-            module.register_forward_pre_hook(lambda *_, r=ranges: r.append(record_function(label).__enter__()))
-        )
-        handles.append(module.register_forward_hook(lambda *_, r=ranges: r.pop().__exit__(None, None, None)))
+    for module, ranges in ((m, []) for m in model.modules() if isinstance(m, MonaAdapter)):
+        opened = module.register_forward_pre_hook(lambda *_, r=ranges: r.append(record_function(label).__enter__()))
+        handles += [opened, module.register_forward_hook(lambda *_, r=ranges: r.pop().__exit__(None, None, None))]
     return handles
 
 
-def owner_of(event: Any) -> str | None:
-    """Who called an op, from the profiler's Python stack: the nearest frame of mona_peft, transformers, peft or the
-    benchmarks. ``"compute"``: mona_peft's adapter, fused function or filters; ``"glue"``: any other mona_peft file."""
-    parent = event.cpu_parent
-    while parent is not None:
-        if match := _FRAME.match(parent.name):
-            path = "/" + match["path"].replace("\\", "/")
-            if "/mona_peft/" in path:
-                return "compute" if path.rsplit("/", 1)[-1] in _COMPUTE_FILES else "glue"
-            if any(f"/{library}/" in path for library in _OTHER_OWNERS):
-                return None
-        parent = parent.cpu_parent
-    return None
-
-
-def glue_times(events: list[Any]) -> tuple[float, float]:
-    """Forward and backward ms of the glue: top-level aten ops called from mona_peft outside the adapters, and the
-    backward nodes they created."""
-    forward, owned = 0.0, set()
-    for e in events:
-        nested = e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")  # counted with its caller
-        if e.name.startswith("aten::") and not nested and not _in_backward(e) and owner_of(e) == "glue":
-            forward += e.cpu_time_total / 1e3
-            owned |= {d.sequence_nr for d in (e, *_descendants(e)) if d.sequence_nr >= 0}
-    return forward, sum(e.cpu_time_total / 1e3 for e in _top_backward(events) if e.sequence_nr in owned)
-
-
 def train_step_breakdown(model_key: str, batch: int, iterations: int, seed: int) -> dict[str, Any]:
-    """Profile a Mona train step (forward, backward, optimizer) and Mona's compute and glue within it. The profiler's
-    Python tracing slows the step a little: the shares are the point, the step's time is in docs/benchmarks.md."""
+    """Profile a Mona train step (forward, backward, optimizer) and Mona's compute and glue within it: the adapters'
+    ranges, and the top-level aten ops called from mona_peft outside them. The profiler's Python tracing slows the
+    step a little: the shares are the point, the step's time is in docs/benchmarks.md."""
     spec = common.MODELS[model_key]
     torch.manual_seed(seed)
     model = get_peft_model(common.build_classifier(spec), common.mona_config(modules_to_save=[common.HEAD])).train()
@@ -376,6 +354,13 @@ def train_step_breakdown(model_key: str, batch: int, iterations: int, seed: int)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
+    def root(e: Any) -> str | None:  # glue: top-level aten ops in forward (nested ones count with their caller)
+        if e.name == COMPUTE_LABEL:
+            return "compute"
+        nested = e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")
+        glue = e.name.startswith("aten::") and not nested and not _in_backward(e) and owner_of(e) == "glue"
+        return "glue" if glue else None
+
     try:
         step()
         rows = []
@@ -386,20 +371,17 @@ def train_step_breakdown(model_key: str, batch: int, iterations: int, seed: int)
                 row = {"wall_ms": (time.perf_counter() - start) * 1e3}
             events = list(prof.events())
             row |= {e.name: e.cpu_time_total / 1e3 for e in events if e.name.startswith("step: ")}
-            compute = attribute(events, (COMPUTE_LABEL,))[COMPUTE_LABEL]
-            row |= {"mona compute: forward": compute["forward_ms"], "mona compute: backward": compute["backward_ms"]}
-            row[GLUE_FORWARD], row[GLUE_BACKWARD] = glue_times(events)
+            found = charge(events, [(name, e) for e in events if (name := root(e))], ("compute", "glue"))
+            row["mona compute: forward"], row["mona compute: backward"] = found["compute"].values()
+            row[GLUE_FORWARD], row[GLUE_BACKWARD] = found["glue"].values()
             rows.append(row)
     finally:
         for handle in handles:
             handle.remove()
-    keys = dict.fromkeys(k for r in rows for k in r)
     found = {"model": spec.name, "batch": batch, "iterations": iterations}
     found["adapters"] = sum(isinstance(m, MonaAdapter) for m in model.modules())
+    keys = dict.fromkeys(k for r in rows for k in r)
     return found | {"median_ms": {k: statistics.median(r.get(k, 0.0) for r in rows) for k in keys}}
-
-
-# ------------------------------------------------------------------------------------------- arithmetic and ops
 
 
 def flop_bounds(model_key: str, bottleneck: int = 64, lora_rank: int = 16) -> dict[str, Any]:
@@ -408,7 +390,7 @@ def flop_bounds(model_key: str, bottleneck: int = 64, lora_rank: int = 16) -> di
     Matmuls and convs only (what no implementation avoids). Training: the frozen backbone runs forward + input
     gradients (2x forward), the adapters forward + input and weight gradients (3x), full fine-tuning 3x the backbone.
     """
-    config, spec = common.MODELS[model_key].config(), common.MODELS[model_key]
+    spec, config = common.MODELS[model_key], common.MODELS[model_key].config()
     if spec.family == "swin":
         side = config.image_size // config.patch_size
         stages = [(config.embed_dim * 2**i, (side // 2**i) ** 2, depth, config.window_size**2)
@@ -424,37 +406,10 @@ def flop_bounds(model_key: str, bottleneck: int = 64, lora_rank: int = 16) -> di
         backbone, mona = backbone + tokens * depth * block, mona + tokens * depth * adapter
         lora += tokens * depth * 2 * 2 * width * lora_rank  # A and B on q and v
         per_stage.append({"width": width, "tokens": tokens, "blocks": depth, "mona_share_of_block": adapter / block})
-    found = {
-        "model": spec.name,
-        "backbone_block_macs": backbone,
-        "mona_macs": mona,
-        "lora_macs": lora,
-        "stages": per_stage,
-    }
-    found |= {"bound_inference_mona_over_frozen": (backbone + mona) / backbone}
+    found = {"model": spec.name, "backbone_block_macs": backbone, "mona_macs": mona, "lora_macs": lora}
+    found |= {"stages": per_stage, "bound_inference_mona_over_frozen": (backbone + mona) / backbone}
     found |= {"bound_train_mona_over_lora": (2 * backbone + 3 * mona) / (2 * backbone + 3 * lora)}
     return found | {"bound_train_mona_over_full": (2 * backbone + 3 * mona) / (3 * backbone)}
-
-
-def op_costs(rounds: int, inner: int, seed: int) -> dict[str, Any]:
-    """A few ops on one [32, 197, 768] activation (ViT-B/16, batch 32): what a full-width pass costs here."""
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(32, 197, 768, generator=generator)
-    gamma, beta = torch.randn(768, generator=generator), torch.randn(768, generator=generator)
-    down, down2 = torch.randn(64, 768, generator=generator), torch.randn(128, 768, generator=generator)
-    ops = {
-        "x * s (broadcast multiply)": lambda: x * gamma,
-        "addcmul(x, x, s)": lambda: torch.addcmul(x, x, gamma),
-        "layer_norm (with affine)": lambda: F.layer_norm(x, (768,), gamma, beta),
-        "var_mean over C": lambda: torch.var_mean(x, -1, keepdim=True, correction=0),
-        "linear C -> 64 (down projection)": lambda: F.linear(x, down),
-        "linear C -> 128": lambda: F.linear(x, down2),
-    }
-    with torch.no_grad():
-        return {
-            "shape": [32, 197, 768],
-            "ms": common.per_method(common.interleave(ops, rounds, inner, random.Random(seed))),
-        }
 
 
 def hook_overhead(rounds: int, inner: int, seed: int) -> dict[str, Any]:
@@ -474,9 +429,8 @@ def hook_overhead(rounds: int, inner: int, seed: int) -> dict[str, Any]:
     def capture(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], _output: Any) -> None:
         calls.append((module, tuple(a.clone() if torch.is_tensor(a) else a for a in args), dict(kwargs)))
 
-    handles = [
-        m.register_forward_hook(capture, with_kwargs=True) for m in wrapped.modules() if isinstance(m, MonaAdapter)
-    ]
+    adapters = [m for m in wrapped.modules() if isinstance(m, MonaAdapter)]
+    handles = [m.register_forward_hook(capture, with_kwargs=True) for m in adapters]
     with torch.no_grad():
         wrapped(pixel_values=pixels)
     for handle in handles:
@@ -486,30 +440,21 @@ def hook_overhead(rounds: int, inner: int, seed: int) -> dict[str, Any]:
     variants["mona modules alone"] = lambda: [m(*a, **k) for m, a, k in calls]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # microsecond-scale work: keep OpenMP barriers (and other processes) out of it
-    try:
-        with torch.no_grad():  # the disabled wrapper's context is entered around its timed calls, outside the timer
-            records = common.interleave(
-                variants, rounds, inner, random.Random(seed), {"wrapped, adapters disabled": wrapped.disable_adapter}
-            )
+    try:  # the disabled wrapper's context is entered around its timed calls, outside the timer
+        with torch.no_grad():
+            contexts = {"wrapped, adapters disabled": wrapped.disable_adapter}
+            records = common.interleave(variants, rounds, inner, random.Random(seed), contexts)
     finally:
         torch.set_num_threads(threads)
-    for record in records:
-        record["us"] = record.pop("ms") * 1e3
-    blocks, by_round = config.num_hidden_layers, {}
-    for r in records:
-        by_round.setdefault(r["round"], {})[r["method"]] = r["us"]
-    glue = [(row["mona"] - row["plain"] - row["mona modules alone"]) / blocks for row in by_round.values()]
-    idle = [(row["wrapped, adapters disabled"] - row["plain"]) / blocks for row in by_round.values()]
+    records = [{**r, "us": r["ms"] * 1e3} for r in records]
+    by_round = [{r["method"]: r["us"] for r in records if r["round"] == i} for i in range(rounds)]
+    blocks = config.num_hidden_layers
+    glue = [(row["mona"] - row["plain"] - row["mona modules alone"]) / blocks for row in by_round]
+    idle = [(row["wrapped, adapters disabled"] - row["plain"]) / blocks for row in by_round]
     found = {"model": f"tiny ViT, {blocks} blocks, hidden 32, 17 tokens, batch 1, no grad, 1 thread"}
-    us = common.per_method(records, "us")
-    found |= {"mona_modules_per_forward": len(calls), "us_per_forward": {name: us[name] for name in variants}}
-    return found | {
-        "glue_us_per_block_call": common.describe(glue),
-        "idle_wrapper_us_per_block_call": common.describe(idle),
-    }
-
-
-# ------------------------------------------------------------------------------------------------------------ main
+    found["mona_modules_per_forward"], us = len(calls), common.per_method(records, "us")
+    found |= {"us_per_forward": {name: us[name] for name in variants}, "glue_us_per_block_call": common.describe(glue)}
+    return found | {"idle_wrapper_us_per_block_call": common.describe(idle)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -521,20 +466,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--name", default=None, help="results file name (default profile, or profile_quick)")
     parser.add_argument("--results-dir", type=Path, default=None)
     args = parser.parse_args(argv)
+    shape, swin_shape, iters, rounds, inner, *step = SETTINGS[args.quick]
     threads_before, started, seed = torch.get_num_threads(), time.perf_counter(), args.seed
     torch.set_num_threads(args.threads or threads_before)
-    if args.quick:
-        shape, swin_shape = (
-            dict(batch=2, prefix=1, grid=4, hidden=32, bottleneck=8),
-            dict(batch=2, prefix=0, grid=8, hidden=16, bottleneck=8),
-        )
-        iters, rounds, inner, step_model, step_batch, step_iters = 2, 3, 2, "tiny-vit", 2, 1
-    else:
-        shape, swin_shape = (
-            dict(batch=32, prefix=1, grid=14, hidden=768, bottleneck=64),
-            dict(batch=32, prefix=0, grid=56, hidden=96, bottleneck=64),
-        )
-        iters, rounds, inner, step_model, step_batch, step_iters = 7, 11, 3, "vit-b", 8, 3
     payload: dict[str, Any] = {"benchmark": "profile", "quick": args.quick, "machine": common.machine_info()}
     try:  # main() also runs in-process (tests): the thread count is given back as found
         print("module breakdown ...", flush=True)
@@ -547,7 +481,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         payload["op_costs"] = op_costs(max(3, rounds // 2), inner * 2, seed)
         payload["flops"] = {key: flop_bounds(key) for key in ("vit-b", "swin-t")}
         print("train step ...", flush=True)
-        payload["train_step"] = train_step_breakdown(step_model, step_batch, step_iters, seed)
+        payload["train_step"] = train_step_breakdown(*step, seed)
         print("hook overhead ...", flush=True)
         payload["hooks"] = hook_overhead(rounds * 2, inner * 10, seed)
     finally:
