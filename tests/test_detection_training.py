@@ -31,6 +31,7 @@ from mona_peft.training.detection import (  # noqa: E402
     scene_dataset,
 )
 from mona_peft.training.detection import main as detection_main  # noqa: E402
+from mona_peft.training.detection.arguments import DETECTION_MAX_STEPS  # noqa: E402
 from mona_peft.training.detection.data import _category_names, sanitise  # noqa: E402
 from training_helpers import REPO, run_script  # noqa: E402
 
@@ -267,6 +268,8 @@ def test_parse_detection_defaults() -> None:
     model_args, data_args, training_args = parse_detection_args([])
     assert model_args.method == "mona" and model_args.detector == "deformable_detr"
     assert training_args.eval_do_concat_batches is False and data_args.image_size == 112
+    assert training_args.max_steps == DETECTION_MAX_STEPS  # the detector's own default budget, not classification's
+    assert parse_detection_args(["--num_train_epochs", "2"])[2].max_steps == -1
     with pytest.raises(SystemExit):
         parse_detection_args(["--method", "linear"])
 

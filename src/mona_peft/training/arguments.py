@@ -239,6 +239,7 @@ def build_parser(
     classes: Sequence[type] | None = None,
     description: str | None = None,
     learning_rates: dict[str, float] | None = None,
+    max_steps: int = DEFAULT_MAX_STEPS,
 ) -> HfArgumentParser:
     """An ``HfArgumentParser`` for all argument groups, with the recipe's defaults.
 
@@ -263,7 +264,7 @@ def build_parser(
         f"biases, scale vectors and position/class tokens; {DEFAULT_WARMUP:.0%} linear warm-up then cosine to 1% of "
         f"the peak; max_grad_norm {_RECIPE_DEFAULTS['max_grad_norm']}; peak learning rate per method "
         f"{learning_rates or DEFAULT_LEARNING_RATES}, {DEFAULT_HEAD_LEARNING_RATE} for the new head; "
-        f"{DEFAULT_MAX_STEPS} steps unless --max_steps or --num_train_epochs is given; output_dir "
+        f"{max_steps} steps unless --max_steps or --num_train_epochs is given; output_dir "
         "outputs/<method>-<model>-<data>."
     )
     return parser
@@ -286,13 +287,15 @@ def parse_task_args(
     description: str | None,
     learning_rates: dict[str, float],
     output_dir: Callable[[str, str | None, dict[str, Any]], str],
+    max_steps: int = DEFAULT_MAX_STEPS,
     **parser_defaults: Any,
 ) -> tuple[Any, Any, TrainingArguments]:
     """:func:`parse_args` for any task: its model and data argument classes (as for :func:`argument_classes`), the
     ``--help`` description, the default peak learning rate per method, ``output_dir(method, model_name_or_path,
-    values)`` for the default output directory, and the task's own TrainingArguments defaults."""
+    values)`` for the default output directory, the step budget when neither ``--max_steps`` nor
+    ``--num_train_epochs`` is given, and the task's own TrainingArguments defaults."""
     classes = argument_classes(task_classes)
-    parser = build_parser(task_classes, description, learning_rates)
+    parser = build_parser(task_classes, description, learning_rates, max_steps)
     parser.set_defaults(**parser_defaults)
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) == 1 and argv[0].endswith(".json"):
@@ -304,7 +307,7 @@ def parse_task_args(
         values.update(given)
     else:
         values = vars(parser.parse_args(argv))
-    _fill_recipe_defaults(values, learning_rates, output_dir)
+    _fill_recipe_defaults(values, learning_rates, output_dir, max_steps)
 
     groups = []
     for cls in classes:
@@ -330,6 +333,7 @@ def _fill_recipe_defaults(
     values: dict[str, Any],
     learning_rates: dict[str, float] = DEFAULT_LEARNING_RATES,
     output_dir: Callable[[str, str | None, dict[str, Any]], str] | None = None,
+    max_steps: int = DEFAULT_MAX_STEPS,
 ) -> None:
     method = values["method"]
     if values["learning_rate"] is None:
@@ -338,7 +342,7 @@ def _fill_recipe_defaults(
         linear = method == "linear"
         values["head_learning_rate"] = values["learning_rate"] if linear else DEFAULT_HEAD_LEARNING_RATE
     if values["max_steps"] is None and values["num_train_epochs"] is None:
-        values["max_steps"] = DEFAULT_MAX_STEPS
+        values["max_steps"] = max_steps
     if values["max_steps"] is None:
         values["max_steps"] = -1
     if values["num_train_epochs"] is None:

@@ -17,6 +17,9 @@ from .scenes import DEFAULT_NUM_SCENES
 DEFAULT_DETECTION_IMAGE_SIZE = 112
 OFFLINE_DETECTION_MODEL = "dinov2-small"
 DETECTION_METHODS = ("mona", "lora", "full")
+DETECTION_MAX_STEPS = 300
+"""Steps when neither --max_steps nor --num_train_epochs is given: about 3 epochs of the default scenes, where the
+offline default first shows a measurable mAP (docs/detection.md); a real detector wants many more."""
 DETECTION_LEARNING_RATES = {"mona": 1e-4, "lora": 5e-4, "full": 2e-5}
 """Peak learning rate of the backbone's trained parameters per method when ``--learning_rate`` is not given (the
 detector's own parts follow ``--head_learning_rate``)."""
@@ -89,6 +92,7 @@ def parse_detection_args(
         "scenes of shapes, all offline.",
         DETECTION_LEARNING_RATES,
         default_detection_output_dir,
+        DETECTION_MAX_STEPS,
         per_device_train_batch_size=4,
         per_device_eval_batch_size=16,
     )
