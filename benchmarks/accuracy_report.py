@@ -67,12 +67,16 @@ def plot_losses(payload: dict[str, Any], dataset: str, path: Path) -> bool:
             lr = ENV.filters["lr"](s["learning_rate"])
             ax.plot(steps, smooth, color=f"C{i}", linewidth=2, label=f"{s['label']} (LR {lr})")
         title = f"Training loss, {info['description']} ({info['classes']} classes): mean of {seeds} seeds"
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("training cross-entropy")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _label(ax, title, "optimizer step", "training cross-entropy", 9)
     return True
+
+
+def _label(ax: Any, title: str, xlabel: str, ylabel: str, size: int) -> None:
+    """Title (at ``size`` points), axis labels, a light grid and a legend a point smaller."""
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.set_title(title, fontsize=size)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=size - 1)
 
 
 def plot_params(payload: dict[str, Any], path: Path) -> bool:
@@ -92,12 +96,8 @@ def plot_params(payload: dict[str, Any], path: Path) -> bool:
                     ax.errorbar(s["trainable_params"], t["mean"], yerr=err, fmt="o", color=f"C{i}", capsize=3,
                                 label=s["label"])  # fmt: skip
             ax.set_xscale("log")
-            description = payload["datasets"][dataset]["description"]
-            ax.set_title(f"{description}, {payload['protocol']['image_size']} px", fontsize=8)
-            ax.set_xlabel("trainable parameters")
-            ax.set_ylabel("test accuracy (mean, seed min–max)")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            title = f"{payload['datasets'][dataset]['description']}, {payload['protocol']['image_size']} px"
+            _label(ax, title, "trainable parameters", "test accuracy (mean, seed min–max)", 8)
     return True
 
 
