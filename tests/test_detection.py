@@ -8,7 +8,7 @@ per-level class and box heads in ``ModuleList`` entries that are one module repe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,6 +21,7 @@ from torch import nn
 from mona_peft import MonaConfig, MonaLayer
 from mona_peft.heads import twin_key
 from tiny_models import randomize_adapter
+from training_helpers import one_thread  # noqa: F401  (autouse: one torch thread)
 
 pytest.importorskip("scipy", reason="the DETR family's Hungarian matcher needs scipy")
 
@@ -28,14 +29,6 @@ NUM_LABELS = 3
 TEXT_LEN = 8
 # Grounding DINO's classes are the phrases of the prompt, split by BERT's '.' (1012): '[CLS] a . b . c . [SEP]'
 PROMPT = [101, 200, 1012, 300, 1012, 400, 1012, 102]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _swin(stages: int = 3) -> transformers.SwinConfig:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,17 +32,9 @@ from mona_peft.training.detection import (  # noqa: E402
 from mona_peft.training.detection import main as detection_main  # noqa: E402
 from mona_peft.training.detection.arguments import DETECTION_MAX_STEPS  # noqa: E402
 from mona_peft.training.detection.data import _category_names, sanitise  # noqa: E402
-from training_helpers import REPO, run_script  # noqa: E402
+from training_helpers import REPO, one_thread, run_script  # noqa: E402, F401  (one_thread: autouse)
 
 SCRIPT = REPO / "scripts" / "train_detection.py"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------------------------ metric

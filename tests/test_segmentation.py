@@ -11,7 +11,6 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,21 +39,12 @@ from mona_peft.training.segmentation import (
 from mona_peft.training.segmentation import main as segmentation_main
 from mona_peft.training.segmentation.arguments import SEGMENTATION_LEARNING_RATES
 from tiny_models import FAMILIES, mask2former_swin, randomize_adapter, upernet_swin
-from training_helpers import REPO, run_script
+from training_helpers import REPO, one_thread, run_script  # noqa: F401  (one_thread: autouse)
 
 SEGMENTATION_SCRIPT = REPO / "scripts" / "train_segmentation.py"
 
 UPERNET_HEADS = ["decode_head", "auxiliary_head"]
 MASK2FORMER_HEADS = ["model.pixel_level_module.decoder", "model.transformer_module", "class_predictor"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread; on a busy machine more threads only contend (10-50x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _blocks(model: torch.nn.Module) -> dict[str, torch.nn.Module]:

@@ -6,9 +6,11 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import transformers
 from PIL import Image
@@ -116,3 +118,13 @@ def run_script(args: list[str], timeout: float = 300, **env: str) -> subprocess.
     return subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=offline_env(**env), cwd=REPO
     )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread; on a busy machine more threads only contend (10-50x slower). A test
+    module turns it on by importing it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
