@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import transformers
 from PIL import Image
 
 from mona_peft.training import DataError, OutputDirError
@@ -22,6 +21,7 @@ pytest.importorskip("scipy", reason="the DETR family's Hungarian matcher needs s
 from mona_peft.metrics import COCO_MAP_PATH, load_coco_map  # noqa: E402
 from mona_peft.training.detection import (  # noqa: E402
     DetectionDataArguments,
+    DetectionModelArguments,
     DetectionPreprocessing,
     coco_folder,
     load_trained_detector,
@@ -32,7 +32,14 @@ from mona_peft.training.detection import (  # noqa: E402
 from mona_peft.training.detection import main as detection_main  # noqa: E402
 from mona_peft.training.detection.arguments import DETECTION_MAX_STEPS  # noqa: E402
 from mona_peft.training.detection.data import _category_names, sanitise  # noqa: E402
-from training_helpers import REPO, one_thread, run_script  # noqa: E402, F401  (one_thread: autouse)
+from training_helpers import (  # noqa: E402
+    REPO,
+    make_tiny_checkpoint,
+    one_thread,  # noqa: F401  (autouse)
+    run_script,
+    tiny_detection_args,
+    write_coco,
+)
 
 SCRIPT = REPO / "scripts" / "train_detection.py"
 
@@ -77,31 +84,6 @@ def test_coco_map_of_shifted_boxes_is_below_one() -> None:
 
 
 # -------------------------------------------------------------------------------------------------------------- data
-def write_coco(root: Path, count: int = 8, size: int = 48, seed: int = 0) -> Path:
-    """A COCO folder: ``count`` images with one or two filled rectangles each, and annotations.json (ids from 1)."""
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
-    for i in range(count):
-        pixels = np.zeros((size, size, 3), np.uint8)
-        for _ in range(1 + i % 2):
-            x, y = (int(v) for v in rng.integers(0, size // 2, 2))
-            w, h = (int(v) for v in rng.integers(8, size // 2, 2))
-            category = int(rng.integers(1, 3))
-            pixels[y : y + h, x : x + w] = (255, 0, 0) if category == 1 else (0, 255, 0)
-            annotations.append(
-                {"id": len(annotations) + 1, "image_id": i + 1, "category_id": category, "bbox": [x, y, w, h],
-                 "area": w * h, "iscrowd": 0}
-            )  # fmt: skip
-        Image.fromarray(pixels).save(root / "images" / f"{i}.png")
-        images.append({"id": i + 1, "file_name": f"{i}.png", "width": size, "height": size})
-    categories = [{"id": 1, "name": "red"}, {"id": 2, "name": "green"}]
-    (root / "annotations.json").write_text(
-        json.dumps({"images": images, "annotations": annotations, "categories": categories})
-    )
-    return root
-
-
 def _edit(root: Path, change) -> None:
     path = root / "annotations.json"
     coco = json.loads(path.read_text())
@@ -227,32 +209,14 @@ def test_augmentation_moves_the_boxes_with_the_image() -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------- runs
-def make_tiny_dinov2(directory: Path) -> Path:
-    torch.manual_seed(0)
-    config = transformers.Dinov2Config(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, image_size=32, patch_size=8
-    )
-    transformers.Dinov2Model(config).save_pretrained(directory)
-    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(directory)
-    return directory
-
-
 @pytest.fixture(scope="module")
 def tiny_dinov2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_dinov2(tmp_path_factory.mktemp("tiny-dinov2"))
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-dinov2"), "dinov2")
 
 
 @pytest.fixture(scope="module")
 def coco_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_coco(tmp_path_factory.mktemp("coco"), count=20)
-
-
-def tiny_args(model: Path, data: Path, output: Path, *extra: str) -> list[str]:
-    return [
-        "--model_name_or_path", str(model), "--train_dir", str(data), "--output_dir", str(output),
-        "--image_size", "32", "--bottleneck_dim", "8", "--d_model", "32", "--num_queries", "4",
-        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--max_steps", "2", *extra,
-    ]  # fmt: skip
 
 
 def test_parse_detection_defaults() -> None:
@@ -265,10 +229,20 @@ def test_parse_detection_defaults() -> None:
         parse_detection_args(["--method", "linear"])
 
 
+def test_drop_path_rate_is_refused_for_detection() -> None:
+    """--drop_path_rate is image classification's (``DetectionModelArguments.supports_drop_path`` is False)."""
+    message = r"--drop_path_rate applies to image classification \(scripts/train.py\) only"
+    with pytest.raises(ValueError, match=message):
+        parse_detection_args(["--drop_path_rate", "0.3"])
+    with pytest.raises(ValueError, match=message):
+        DetectionModelArguments(drop_path_rate=0.3)
+    assert DetectionModelArguments().drop_path_rate is None
+
+
 @pytest.mark.parametrize("method", ["mona", "lora", "full"])
 def test_methods_train_and_reload(method: str, tiny_dinov2: Path, coco_data: Path, tmp_path: Path) -> None:
     out = tmp_path / method
-    result = detection_main(tiny_args(tiny_dinov2, coco_data, out, "--method", method))
+    result = detection_main(tiny_detection_args(tiny_dinov2, coco_data, out, "--method", method))
     assert 0 <= result.metrics["test_map"] <= 1 and {"test_map_50", "test_ap_red"} <= set(result.metrics)
     model = result.trainer.model.eval()
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -284,12 +258,12 @@ def test_methods_train_and_reload(method: str, tiny_dinov2: Path, coco_data: Pat
     torch.testing.assert_close(got.logits, expected.logits, rtol=0, atol=1e-5)
     torch.testing.assert_close(got.pred_boxes, expected.pred_boxes, rtol=0, atol=1e-5)
     with pytest.raises(OutputDirError, match="already holds a trained model"):
-        detection_main(tiny_args(tiny_dinov2, coco_data, out, "--method", method))
+        detection_main(tiny_detection_args(tiny_dinov2, coco_data, out, "--method", method))
 
 
 def test_cli_end_to_end(tiny_dinov2: Path, coco_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli"
-    result = run_script([str(SCRIPT), *tiny_args(tiny_dinov2, coco_data, out)])
+    result = run_script([str(SCRIPT), *tiny_detection_args(tiny_dinov2, coco_data, out)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Held-out test mAP" in result.stdout
     assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
@@ -297,5 +271,5 @@ def test_cli_end_to_end(tiny_dinov2: Path, coco_data: Path, tmp_path: Path) -> N
     assert "library_name: peft" in card and "- mona" in card and "- object-detection" in card
     assert "test_map" in json.loads((out / "results.json").read_text())
     assert (out / "training_curves.png").is_file() and (out / "detection.json").is_file()
-    bad = run_script([str(SCRIPT), *tiny_args(tiny_dinov2, tmp_path, tmp_path / "x")])
+    bad = run_script([str(SCRIPT), *tiny_detection_args(tiny_dinov2, tmp_path, tmp_path / "x")])
     assert bad.returncode != 0 and "error:" in bad.stderr and "annotations.json" in bad.stderr

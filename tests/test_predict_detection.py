@@ -17,17 +17,25 @@ from PIL import Image
 from hub_server import HubServer
 from mona_peft.training import DataError, ModelError, TrainedClassifier, load_trained, parse_args, train
 from mona_peft.training.inference import trained_task
-from training_helpers import PREDICT_SCRIPT, make_image_folder, make_tiny_checkpoint, run_script, tiny_train_args
+from training_helpers import (
+    PREDICT_SCRIPT,
+    make_image_folder,
+    make_tiny_checkpoint,
+    one_thread,  # noqa: F401  (autouse: one torch thread)
+    run_script,
+    tiny_detection_args,
+    tiny_train_args,
+    write_coco,
+)
 
 pytest.importorskip("scipy", reason="training a DETR-family detector needs scipy (the detection extra)")
 pytest.importorskip("pycocotools", reason="the detection extra: pip install 'mona-peft[detection]'")
 
+from mona_peft.training.detection import DetectionPreprocessing  # noqa: E402
 from mona_peft.training.detection import main as detection_main  # noqa: E402
 from mona_peft.training.detection.inference import Detection, TrainedDetector, postprocessor  # noqa: E402
 from mona_peft.training.detection.model import detector_config  # noqa: E402
-
-# one_thread: the autouse fixture of the detection tests (one torch thread), applied here too
-from test_detection_training import make_tiny_dinov2, one_thread, tiny_args, write_coco  # noqa: E402, F401
+from mona_peft.training.detection.task import coco_map_metrics  # noqa: E402
 
 LABELS = {"red", "green"}
 
@@ -47,7 +55,7 @@ def detector_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("detector")
     data = write_coco(root / "coco", count=20)
     out = root / "run"
-    detection_main(tiny_args(make_tiny_dinov2(root / "dinov2"), data, out))
+    detection_main(tiny_detection_args(make_tiny_checkpoint(root / "dinov2", "dinov2"), data, out))
     return out
 
 
@@ -206,14 +214,59 @@ def test_undecodable_image_is_a_clear_error(detector_dir: Path, images: list[str
     assert not list(tmp_path.glob("*.boxes.png"))
 
 
-def test_a_full_detector_with_its_image_processor_predicts(tmp_path: Path, images: list[str]) -> None:
-    """A detector saved outside the recipe (no detection.json): its own image processor preprocesses."""
-    torch.manual_seed(0)
+def _tiny_detector_config(detector: str) -> transformers.PretrainedConfig:
+    """A new ``detector`` (five queries, classes red and green) on a tiny random DINOv2."""
     backbone = transformers.Dinov2Config(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, patch_size=8, out_features=["stage2"]
     )
     sizes = {"d_model": 32, "encoder_layers": 1, "decoder_layers": 2, "num_queries": 5}
-    config = detector_config(backbone, "deformable_detr", ["red", "green"], sizes)
+    return detector_config(backbone, detector, ["red", "green"], sizes)
+
+
+@pytest.mark.parametrize("detector", ["deformable_detr", "detr"])
+def test_the_metric_and_predict_decode_the_same_detections(detector: str) -> None:
+    """Two decoders read a detector's outputs: the mAP metric's (``task.decode`` / ``decode_softmax``: every top-k
+    detection, COCO [x, y, w, h] in pixels of the square model input) and predict's (the image processor's
+    ``post_process_object_detection``: above a threshold, corners in pixels of the original image). On an image of
+    the model input's size, with no threshold, both must report the same labels, scores and boxes, best first."""
+    torch.manual_seed(0)
+    config = _tiny_detector_config(detector)
+    model = transformers.AutoModelForObjectDetection.from_config(config).eval()
+    size = 32
+    preprocessing = DetectionPreprocessing(size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    predictor = TrainedDetector(model, postprocessor(config), {0: "red", 1: "green"}, preprocessing)
+    pixels = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    (predicted,) = predictor.predict([image], threshold=0.0, top_k=1000)
+
+    class Recorder:  # the COCO metric's stand-in: keeps what the metric's decoder hands it
+        found: list[dict] = []
+
+        def compute(self, predictions: list[dict], references: list[dict], num_labels: int) -> dict:
+            self.found = predictions
+            return {"map": 0.0, "map_50": 0.0, "map_75": 0.0, "per_class_ap": [0.0] * num_labels}
+
+    with torch.no_grad():
+        outputs = model(pixel_values=preprocessing.example(image, {"bbox": [], "category": []})["pixel_values"][None])
+    recorder = Recorder()
+    no_objects = {"boxes": np.zeros((0, 4)), "class_labels": np.zeros(0, np.int64)}
+    batches = [(outputs.logits.numpy(), outputs.pred_boxes.numpy())]
+    coco_map_metrics(recorder, ["red", "green"], size)(transformers.EvalPrediction(batches, [[no_objects]]))
+    (found,) = recorder.found
+    order = np.argsort(-found["scores"], kind="stable")
+    x, y, w, h = found["boxes"][order].T
+    corners = np.clip(np.stack([x, y, x + w, y + h], axis=1), 0, size)
+    queries = config.num_queries * (config.num_labels if detector == "deformable_detr" else 1)
+    assert len(predicted) == len(order) == queries
+    assert [d.label for d in predicted] == [("red", "green")[label] for label in found["labels"][order]]
+    assert [d.score for d in predicted] == pytest.approx(found["scores"][order].tolist(), rel=1e-6)
+    np.testing.assert_allclose([d.box for d in predicted], corners, atol=0.01)
+
+
+def test_a_full_detector_with_its_image_processor_predicts(tmp_path: Path, images: list[str]) -> None:
+    """A detector saved outside the recipe (no detection.json): its own image processor preprocesses."""
+    torch.manual_seed(0)
+    config = _tiny_detector_config("deformable_detr")
     transformers.DeformableDetrForObjectDetection(config).save_pretrained(tmp_path)
     type(postprocessor(config))(size={"shortest_edge": 32, "longest_edge": 64}).save_pretrained(tmp_path)
     detector = load_trained(tmp_path)

@@ -1,4 +1,5 @@
-"""Tiny checkpoints and image folders for the training tests (everything made locally, nothing downloaded)."""
+"""Tiny checkpoints, image folders and COCO folders for the training tests (everything made locally, nothing
+downloaded)."""
 
 from __future__ import annotations
 
@@ -104,6 +105,41 @@ def tiny_train_args(model_dir: Path, data_dir: Path, output_dir: Path, *extra: s
         "--max_steps", "4",
         "--learning_rate", "1e-2",
         *extra,
+    ]  # fmt: skip
+
+
+def write_coco(root: Path, count: int = 8, size: int = 48, seed: int = 0) -> Path:
+    """A COCO folder: ``count`` images with one or two filled rectangles each, and annotations.json (ids from 1)."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for i in range(count):
+        pixels = np.zeros((size, size, 3), np.uint8)
+        for _ in range(1 + i % 2):
+            x, y = (int(v) for v in rng.integers(0, size // 2, 2))
+            w, h = (int(v) for v in rng.integers(8, size // 2, 2))
+            category = int(rng.integers(1, 3))
+            pixels[y : y + h, x : x + w] = (255, 0, 0) if category == 1 else (0, 255, 0)
+            annotations.append(
+                {"id": len(annotations) + 1, "image_id": i + 1, "category_id": category, "bbox": [x, y, w, h],
+                 "area": w * h, "iscrowd": 0}
+            )  # fmt: skip
+        Image.fromarray(pixels).save(root / "images" / f"{i}.png")
+        images.append({"id": i + 1, "file_name": f"{i}.png", "width": size, "height": size})
+    categories = [{"id": 1, "name": "red"}, {"id": 2, "name": "green"}]
+    (root / "annotations.json").write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
+    return root
+
+
+def tiny_detection_args(model: Path, data: Path, output: Path, *extra: str) -> list[str]:
+    """Command-line arguments of ``scripts/train_detection.py`` for a two-step run of a tiny detector (d_model 32, four
+    queries) on a tiny backbone (:func:`make_tiny_checkpoint`) and a COCO folder (:func:`write_coco`)."""
+    return [
+        "--model_name_or_path", str(model), "--train_dir", str(data), "--output_dir", str(output),
+        "--image_size", "32", "--bottleneck_dim", "8", "--d_model", "32", "--num_queries", "4",
+        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--max_steps", "2", *extra,
     ]  # fmt: skip
 
 

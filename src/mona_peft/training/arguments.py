@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from transformers import HfArgumentParser, TrainingArguments
 
@@ -86,6 +86,10 @@ def method_arg(methods: Sequence[str], mona: str, lora: str) -> Any:
 class ModelArguments:
     """Which backbone to fine-tune, and how."""
 
+    supports_drop_path: ClassVar[bool] = True
+    """Whether the task takes ``--drop_path_rate``: image classification does; a task whose model loading ignores
+    it (segmentation, detection) sets this to ``False``, so the option is refused instead of silently unused."""
+
     model_name_or_path: str | None = field(
         default=None,
         metadata={
@@ -133,7 +137,7 @@ class ModelArguments:
                 raise ValueError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
         if self.drop_path_rate is not None and not 0 <= self.drop_path_rate < 1:
             raise ValueError(f"--drop_path_rate must be in [0, 1), got {self.drop_path_rate}.")
-        if self.drop_path_rate is not None and type(self) is not ModelArguments:
+        if self.drop_path_rate is not None and not self.supports_drop_path:
             raise ValueError("--drop_path_rate applies to image classification (scripts/train.py) only.")
 
 

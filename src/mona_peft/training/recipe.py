@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from .arguments import METHODS, ModelArguments
+from .data import IMAGENET_MEAN, IMAGENET_STD
 from .distributed import (
     enable_cpu_fsdp,
     fsdp_ram_efficient_loading,
@@ -186,6 +187,23 @@ def load_image_processor(model_name_or_path: str, **hub_kwargs: Any) -> Any:
             "normalises images with the model's own processor; save it next to the checkpoint, e.g. "
             "AutoImageProcessor.from_pretrained(<the model it came from>).save_pretrained(<checkpoint dir>)."
         ) from exc
+
+
+def image_normalisation(model_path: str, model_args: ModelArguments) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel ``(mean, std)`` to normalise images with: those of ``model_path``'s image processor (loaded
+    with ``model_args``' cache directory, revision and token), or ImageNet's (said on stdout) when the checkpoint has
+    none. The segmentation and detection tasks normalise with it; classification requires the processor instead
+    (:meth:`~mona_peft.training.data.Preprocessing.from_processor`)."""
+    try:
+        processor = load_image_processor(
+            model_path, cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token
+        )
+    except ModelError:
+        print(f"{model_path} has no image processor: normalising with the ImageNet mean and std.", flush=True)
+        return IMAGENET_MEAN, IMAGENET_STD
+    mean = tuple(float(v) for v in (getattr(processor, "image_mean", None) or IMAGENET_MEAN))
+    std = tuple(float(v) for v in (getattr(processor, "image_std", None) or IMAGENET_STD))
+    return mean, std
 
 
 def head_module_names(model: nn.Module) -> list[str]:

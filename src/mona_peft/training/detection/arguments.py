@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from transformers import TrainingArguments
 
@@ -30,6 +30,8 @@ DETECTORS = ("deformable_detr", "detr")
 @dataclass
 class DetectionModelArguments(ModelArguments):
     """Which backbone or detector to fine-tune, and how."""
+
+    supports_drop_path: ClassVar[bool] = False
 
     model_name_or_path: str | None = arg(
         help="Hub id or local directory of a DINOv2 or Swin checkpoint (it becomes the backbone of a new --detector) "

@@ -44,7 +44,9 @@ class TrainedDetector:
     ``preprocessing`` is the training run's eval transform (``detection.json``: resize to a square, normalise); when
     it is ``None`` (a detector saved elsewhere, with a ``preprocessor_config.json``), ``processor`` preprocesses too.
     ``processor`` is the detector's transformers image processor, whose ``post_process_object_detection`` decodes
-    the outputs."""
+    the outputs (sigmoid top-k for Deformable DETR, softmax for DETR). The mAP metric of training decodes the same way
+    but with its own :func:`~mona_peft.training.detection.task.decode` (every top-100 detection, no threshold, COCO
+    boxes in the model input's frame, from bare arrays); ``tests/test_predict_detection.py`` keeps the two in step."""
 
     model: nn.Module
     processor: Any

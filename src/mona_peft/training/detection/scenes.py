@@ -12,7 +12,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..segmentation.scenes import CLASS_HUES, _colour
+from ..segmentation.scenes import CLASS_HUES, random_colour
 
 SCENE_LABELS = ("disc", "box", "triangle")
 """Class names of the generated objects; the index is the category id."""
@@ -29,7 +29,9 @@ SCENES_DESCRIPTION = (
 def draw_scene(rng: np.random.Generator, size: int = SCENE_SIZE) -> tuple[Image.Image, dict[str, list]]:
     """One RGB image and its objects ``{"bbox": [[x, y, w, h], ...], "category": [...]}`` drawn with ``rng``."""
     ys, xs = np.mgrid[0:size, 0:size] / max(size - 1, 1)
-    start, end = (np.asarray(_colour(rng, rng.uniform(), rng.uniform(0, 0.25)), dtype=np.float64) for _ in range(2))
+    start, end = (
+        np.asarray(random_colour(rng, rng.uniform(), rng.uniform(0, 0.25)), dtype=np.float64) for _ in range(2)
+    )
     angle = rng.uniform(0, 2 * math.pi)
     t = ((xs * math.cos(angle) + ys * math.sin(angle)) + 1.5)[..., None] / 3
     image = Image.fromarray(np.clip(start * (1 - t) + end * t, 0, 255).astype(np.uint8), "RGB")
@@ -59,7 +61,7 @@ def draw_scene(rng: np.random.Generator, size: int = SCENE_SIZE) -> tuple[Image.
         box = [extent[0], extent[1], extent[2] - extent[0], extent[3] - extent[1]]
         if any(_overlap(box, other) for other in boxes):
             continue
-        colour = _colour(rng, (CLASS_HUES[cls + 1] + rng.uniform(-0.06, 0.06)) % 1.0, rng.uniform(0.45, 1.0))
+        colour = random_colour(rng, (CLASS_HUES[cls + 1] + rng.uniform(-0.06, 0.06)) % 1.0, rng.uniform(0.45, 1.0))
         if points is None:
             paint.ellipse(extent, fill=colour)
         else:

@@ -18,10 +18,9 @@ from transformers import EvalPrediction, TrainerCallback, TrainingArguments
 from ...metrics import load_coco_map
 from ...model_card import hub_model_id, markdown_table
 from ..card import METHOD_TITLES, results_table
-from ..recipe import base_model, prepare_model
+from ..recipe import base_model, image_normalisation, prepare_model
 from ..run import RunResult, train
 from ..segmentation.model import segmentation_head_names
-from ..segmentation.task import _normalisation
 from ..task import Task
 from .arguments import DetectionDataArguments, DetectionModelArguments, parse_detection_args
 from .data import DetectionPreprocessing, collate_detection, prepare_detection_data
@@ -64,9 +63,18 @@ def detection_outputs(logits: Any, labels: Any) -> tuple[torch.Tensor, torch.Ten
 
 
 def decode(logits: np.ndarray, boxes: np.ndarray, size: int, top_k: int = MAX_DETECTIONS) -> dict[str, np.ndarray]:
-    """One image's detections from a DETR-family output: ``logits`` [queries, classes] (sigmoid scores, Deformable
-    DETR) or [queries, classes + 1] (softmax with a no-object class, DETR) and ``boxes`` [queries, 4] (relative centre
-    x/y, width, height) -> COCO boxes in pixels of the ``size`` x ``size`` input, scores and labels."""
+    """One image's detections from a Deformable DETR output, for the mAP metric: ``logits`` [queries, classes]
+    (a sigmoid score per query and class) and ``boxes`` [queries, 4] (relative centre x/y, width, height) -> the
+    ``top_k`` best (query, class) pairs as COCO boxes ``[x, y, width, height]`` in pixels of the ``size`` x ``size``
+    model input, with their scores and labels.
+
+    The same decoding as the image processor's ``post_process_object_detection`` that
+    :class:`~mona_peft.training.detection.inference.TrainedDetector` predicts with, kept separate on purpose: COCO AP
+    ranks every detection, so the metric keeps the top ``top_k`` with no score threshold, in the input's frame and in
+    COCO's box format of the references (predict: a threshold, corners in pixels of the original image); and
+    ``compute_metrics`` sees bare arrays, not the model, so it picks sigmoid or softmax from the logits' shape
+    (predict: the processor of the detector's type). ``tests/test_predict_detection.py`` checks that both decoders
+    report the same detections."""
     logits = torch.as_tensor(logits, dtype=torch.float32)
     corners = torch.as_tensor(boxes, dtype=torch.float32) * size
     xywh = torch.cat([corners[:, :2] - corners[:, 2:] / 2, corners[:, 2:]], dim=1)
@@ -77,7 +85,9 @@ def decode(logits: np.ndarray, boxes: np.ndarray, size: int, top_k: int = MAX_DE
 
 
 def decode_softmax(logits: np.ndarray, boxes: np.ndarray, size: int) -> dict[str, np.ndarray]:
-    """:func:`decode` for DETR's softmax classes (the last one is "no object")."""
+    """:func:`decode` for DETR's logits [queries, classes + 1] (softmax; the last class is "no object"): one detection
+    per query, its best real class, as DETR's ``post_process_object_detection`` decodes (see :func:`decode` for why
+    the metric does not call it)."""
     probabilities = torch.as_tensor(logits, dtype=torch.float32).softmax(-1)[:, :-1]
     scores, labels = probabilities.max(-1)
     corners = torch.as_tensor(boxes, dtype=torch.float32) * size
@@ -100,6 +110,7 @@ def coco_map_metrics(metric: Any, labels: Sequence[str], size: int) -> Callable[
         found, truth = [], []
         for (logits, boxes), targets in zip(prediction.predictions, prediction.label_ids, strict=True):
             for image_logits, image_boxes, target in zip(logits, boxes, targets, strict=True):
+                # DETR has a "no object" class (softmax), Deformable DETR a sigmoid score per class.
                 softmax = image_logits.shape[-1] == len(labels) + 1
                 found.append((decode_softmax if softmax else decode)(image_logits, image_boxes, size))
                 truth.append(references(target, size))
@@ -138,7 +149,7 @@ class DetectionTask(Task):
         return str(ensure_dinov2_small())
 
     def preprocessing(self, model_path: str, model_args: Any, data_args: Any, data: Any) -> tuple[Any, Any]:
-        mean, std = _normalisation(model_path, model_args)
+        mean, std = image_normalisation(model_path, model_args)
         return DetectionPreprocessing(data_args.image_size, mean, std, data_args.min_crop_scale), None
 
     def build_model(self, model_args: Any, data: Any, model_path: str) -> nn.Module:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from transformers import TrainingArguments
 
@@ -31,6 +31,8 @@ DEFAULT_SEGMENTATION_DATA = "scenes"
 @dataclass
 class SegmentationModelArguments(ModelArguments):
     """Which backbone or segmentation model to fine-tune, and how."""
+
+    supports_drop_path: ClassVar[bool] = False
 
     model_name_or_path: str | None = arg(
         help="Hub id or local directory of a Swin checkpoint (an UperNet head is added on its four stages) or of an "

@@ -37,7 +37,7 @@ SCENES_DESCRIPTION = (
 def draw_scene(rng: np.random.Generator, size: int = SCENE_SIZE) -> tuple[Image.Image, Image.Image]:
     """One (RGB image, mode-"L" mask) pair drawn with ``rng``."""
     ys, xs = np.mgrid[0:size, 0:size] / max(size - 1, 1)
-    start, end = (_colour(rng, rng.uniform(), rng.uniform(0, 0.25)) for _ in range(2))
+    start, end = (random_colour(rng, rng.uniform(), rng.uniform(0, 0.25)) for _ in range(2))
     angle = rng.uniform(0, 2 * math.pi)
     t = ((xs * math.cos(angle) + ys * math.sin(angle)) + 1.5) / 3  # in [0, 1] along a random direction
     start, end = np.asarray(start, dtype=np.float64), np.asarray(end, dtype=np.float64)
@@ -47,7 +47,7 @@ def draw_scene(rng: np.random.Generator, size: int = SCENE_SIZE) -> tuple[Image.
     paint, label = ImageDraw.Draw(image), ImageDraw.Draw(mask)
     for _ in range(int(rng.integers(1, 5))):
         cls = int(rng.integers(1, len(SCENE_LABELS)))
-        colour = _colour(rng, (CLASS_HUES[cls] + rng.uniform(-0.06, 0.06)) % 1.0, rng.uniform(0.45, 1.0))
+        colour = random_colour(rng, (CLASS_HUES[cls] + rng.uniform(-0.06, 0.06)) % 1.0, rng.uniform(0.45, 1.0))
         radius = rng.uniform(0.12, 0.3) * size
         cx, cy = rng.uniform(radius * 0.5, size - radius * 0.5, size=2)
         rotation = rng.uniform(0, 2 * math.pi)
@@ -69,7 +69,9 @@ def draw_scene(rng: np.random.Generator, size: int = SCENE_SIZE) -> tuple[Image.
     return Image.fromarray(pixels, "RGB"), mask
 
 
-def _colour(rng: np.random.Generator, hue: float, saturation: float) -> tuple[int, int, int]:
+def random_colour(rng: np.random.Generator, hue: float, saturation: float) -> tuple[int, int, int]:
+    """An RGB colour (0-255) of ``hue`` and ``saturation`` (0-1) with a brightness drawn from ``rng`` in [0.35, 0.95]
+    (one draw); the detection scenes paint with it too."""
     red, green, blue = colorsys.hsv_to_rgb(hue, saturation, rng.uniform(0.35, 0.95))
     return round(red * 255), round(green * 255), round(blue * 255)
 

@@ -18,8 +18,8 @@ from transformers import EvalPrediction, TrainerCallback, TrainingArguments
 from ...metrics import load_mean_iou
 from ...model_card import hub_model_id, markdown_table
 from ..card import METHOD_TITLES, results_table
-from ..data import IMAGENET_MEAN, IMAGENET_STD, TaskData
-from ..recipe import ModelError, base_model, load_image_processor, prepare_model
+from ..data import TaskData
+from ..recipe import base_model, image_normalisation, prepare_model
 from ..run import RunResult, train
 from ..task import Task
 from .arguments import SegmentationDataArguments, SegmentationModelArguments, parse_segmentation_args
@@ -76,19 +76,6 @@ def mean_iou_metrics(
     return compute
 
 
-def _normalisation(model_path: str, model_args: SegmentationModelArguments) -> tuple[tuple, tuple]:
-    try:
-        processor = load_image_processor(
-            model_path, cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token
-        )
-    except ModelError:
-        print(f"{model_path} has no image processor: normalising with the ImageNet mean and std.", flush=True)
-        return IMAGENET_MEAN, IMAGENET_STD
-    mean = tuple(float(v) for v in (getattr(processor, "image_mean", None) or IMAGENET_MEAN))
-    std = tuple(float(v) for v in (getattr(processor, "image_std", None) or IMAGENET_STD))
-    return mean, std
-
-
 METHOD_TEXT = {
     "mona": "Mona adapters (Yin et al., CVPR 2025) in every block of the Swin backbone, plus the whole UperNet head "
     "(decode and auxiliary heads)",
@@ -120,7 +107,7 @@ class SegmentationTask(Task):
         return resolve_segmentation_model_path(model_name_or_path)
 
     def preprocessing(self, model_path: str, model_args: Any, data_args: Any, data: Any) -> tuple[Any, Any]:
-        mean, std = _normalisation(model_path, model_args)
+        mean, std = image_normalisation(model_path, model_args)
         preprocessing = SegmentationPreprocessing(
             data_args.image_size, mean, std, data_args.min_crop_scale, data.ignore_index, data.reduce_labels
         )
