@@ -130,8 +130,14 @@ class MonaModel(BaseTuner):
         # Copies of accelerate-offloaded heads (modules_to_save) become resident, trainable modules (see dispatch.py).
         if "_mona_requires_grad" not in self.__dict__:  # the base as it was, for a refused first load (_take_out)
             self._mona_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-        with keep_offloaded_heads(model):
-            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        # PEFT asks about every module of the model in turn: the block spellings are worked out once for all of them
+        # (wrapping a block keeps its entry, so the map holds for the whole injection), not once per module.
+        self.__dict__["_mona_spellings"] = self._block_spellings()
+        try:
+            with keep_offloaded_heads(model):
+                super().inject_adapter(model, adapter_name, *args, **kwargs)
+        finally:
+            del self.__dict__["_mona_spellings"]
         # A head reached from several paths (detectors' per-level heads, see heads.py): all of them use the copy.
         self.__dict__.setdefault("_mona_shared_heads", []).extend(share_saved_modules(model))
         self._hook_grid_sources()
@@ -184,7 +190,8 @@ class MonaModel(BaseTuner):
         """Whether ``target_modules`` / ``exclude_modules`` select the module ``key``, under any spelling of its path
         (this transformers line's, the canonical one, or another line's), so that a config saved under one line
         selects the same blocks under another."""
-        names = self._block_spellings().get(key, {key})
+        spellings = self.__dict__.get("_mona_spellings") or self._block_spellings()
+        names = spellings.get(key, {key})
         results = [check_target_module_exists(peft_config, name) for name in sorted(names)]
         if any(isinstance(result, _ExcludedModule) for result in results):
             return False
