@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import io
 import json
 import logging
 import pickle
@@ -26,6 +27,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import redirect_stdout
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -42,7 +44,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "linear": {"method": "linear", "label": "Linear probe"},
     "full": {"method": "full", "label": "Full fine-tuning"},
     "lora": {"method": "lora", "label": "LoRA r16 (q, v)"},
-    "mona": {"method": "mona", "init": True, "label": "Mona (zero-init up-projection)"},
+    "mona": {"method": "mona", "init": "zero", "label": "Mona (zero-init up-projection)"},
     "mona_official": {"method": "mona", "init": "official", "label": "Mona (official init)"},
 }
 """The compared methods: the key in the results, the training method and Mona's ``init_weights``."""
@@ -216,11 +218,6 @@ class RunSpec:
         fields = ("dataset", "method", "learning_rate", "seed", "bottleneck")
         return cls(*(record[k] for k in fields), record.get("variant", ""))
 
-    def setting(self, name: str, default: Any) -> Any:
-        """The value this run's variant gives setting ``name`` (typed like ``default``), else ``default``."""
-        key, _, value = self.variant.partition("=")
-        return type(default)(value) if key == name else default
-
 
 ABLATION: dict[str, tuple[str, tuple[Any, ...]]] = {
     "A1": ("bottleneck", (128, 192)),
@@ -251,92 +248,62 @@ def ablation_specs(dataset: str, learning_rate: float, seed: int, bottleneck: in
     return specs
 
 
+SPLITS, SCORES = ("validation", "test"), ("accuracy", "loss")  # a run's record: <split>_<score>, <split>_samples
+VARIANT_ARGS = {"dropout": "--mona_dropout", "prefix_tokens": "--mona_prefix_tokens",
+                "head_learning_rate": "--head_learning_rate"}  # fmt: skip
+"""The ``scripts/train.py`` argument of each setting an ablation variant changes (bottleneck and init are runs the
+suite knows: ``--bottleneck_dim``, ``--mona_init``)."""
+
+
 def _training_argv(spec: RunSpec, protocol: Protocol, model: str | None, output_dir: str) -> list[str]:
-    """``scripts/train.py`` arguments of a run: the recipe's defaults, no checkpoints, a loss entry every step."""
-    epochs = protocol.epochs
+    """``scripts/train.py`` arguments of a run: the recipe's defaults but the run's method, rate, seed and variant;
+    no checkpoints, a loss entry every step."""
+    epochs, method = protocol.epochs, METHODS[spec.method]
     budget = ("--num_train_epochs", str(epochs)) if epochs else ("--max_steps", str(protocol.max_steps))
     argv = [
-        "--method", METHODS[spec.method]["method"], "--learning_rate", repr(spec.learning_rate),
-        "--bottleneck_dim", str(spec.bottleneck), "--seed", str(spec.seed), *budget,
+        "--method", method["method"], "--learning_rate", repr(spec.learning_rate), *budget,
+        "--bottleneck_dim", str(spec.bottleneck), "--mona_init", method.get("init", "zero"), "--seed", str(spec.seed),
         "--per_device_train_batch_size", str(protocol.batch_size), "--image_size", str(protocol.image_size),
         "--output_dir", output_dir, "--save_strategy", "no", "--logging_steps", "1", "--disable_tqdm", "true",
         "--dataloader_num_workers", "0", *protocol.extra_args,
     ]  # fmt: skip
     evaluation = ("steps", "--eval_steps", str(protocol.eval_steps)) if protocol.eval_steps else ("no",)
     argv += ["--eval_strategy", *evaluation]
-    if (head_lr := spec.setting("head_learning_rate", 0.0)) > 0:
-        argv += ["--head_learning_rate", repr(head_lr)]
+    if spec.variant:
+        name, _, value = spec.variant.partition("=")
+        argv += [VARIANT_ARGS[name], value]
     return argv + (["--model_name_or_path", model] if model is not None else [])
 
 
-def build_model(model_args: Any, labels: list[str], model_path: str, spec: RunSpec) -> torch.nn.Module:
-    """The backbone with a fresh head and the method applied as ``mona_peft.training`` does; Mona with the run's
-    ``init_weights`` and its ablation variant's dropout or prefix tokens."""
-    from peft import get_peft_model
+def train_one(spec: RunSpec, protocol: Protocol, data: Any, model: str | None) -> dict[str, Any]:
+    """Train one run with ``mona_peft.training.train`` (the package's Trainer, recipe, evaluation and saving, into a
+    temporary directory, its printing held back) on ``data``; its record: validation and test accuracy and loss,
+    the training loss of every step (and the validation curve), trainable parameters and times (``train_seconds``:
+    the Trainer's training loop; ``seconds``: the whole run)."""
+    from mona_peft.training import ClassificationTask, parse_args, train
+    from mona_peft.training.recipe import count_parameters
 
-    from mona_peft import MonaConfig
-    from mona_peft.training.recipe import apply_method, head_module_names, load_classifier
-
-    model = load_classifier(model_args, labels, model_path)
-    if model_args.method != "mona":
-        return apply_method(model, model_args.method)  # LoRA at the recipe's r 16, alpha 16, dropout 0.1
-    config = MonaConfig(
-        bottleneck_dim=model_args.bottleneck_dim,
-        init_weights=METHODS[spec.method]["init"],
-        dropout=spec.setting("dropout", 0.1),
-        prefix_tokens=spec.setting("prefix_tokens", "tokenwise"),
-        modules_to_save=head_module_names(model),
-    )
-    return get_peft_model(model, config)
-
-
-def train_one(spec: RunSpec, protocol: Protocol, data: Any, model: str | None, model_path: str) -> dict[str, Any]:
-    """Train one run with the package's Trainer; its record: validation and test accuracy and loss, the training loss
-    of every step (and the validation curve), trainable parameters and wall time."""
-    from transformers import PrinterCallback, ProgressCallback, set_seed
-
-    from mona_peft.training import CLASSIFICATION, Experiment, Preprocessing, parse_args
-    from mona_peft.training.recipe import count_parameters, load_image_processor
-    from mona_peft.training.run import make_trainer
+    class Loaded(ClassificationTask):  # every run of a dataset trains on the splits the suite loaded once
+        def prepare_data(self, *args: Any, **kwargs: Any) -> Any:
+            return data
 
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="mona-accuracy-") as output_dir:
+    with tempfile.TemporaryDirectory(prefix="mona-accuracy-") as output_dir, redirect_stdout(io.StringIO()):
         model_args, data_args, training_args = parse_args(_training_argv(spec, protocol, model, output_dir))
-        processor = load_image_processor(model_path)
-        preprocessing = Preprocessing.from_processor(processor, data_args.image_size, data_args.min_crop_scale)
-        set_seed(training_args.seed)
-        network = build_model(model_args, data.labels, model_path, spec)
-        experiment = Experiment(
-            CLASSIFICATION, model_args, data_args, training_args, data, model_path, processor, preprocessing, network
-        )
-        trainer = make_trainer(experiment)
-        for callback in (PrinterCallback, ProgressCallback):
-            trainer.remove_callback(callback)
-        trainer.train()
-        train_seconds = time.perf_counter() - started
-        validation = trainer.evaluate(experiment.validation_set)
-        test = trainer.predict(experiment.test_set, metric_key_prefix="test").metrics
-        history, step = trainer.state.log_history, trainer.state.global_step
-        losses = {e["step"]: e["loss"] for e in history if "loss" in e and "step" in e}
-        curve = {e["step"]: float(e["eval_accuracy"]) for e in history if "eval_accuracy" in e}
-        trainable, total = count_parameters(network)
-    return {
-        **asdict(spec),
-        "validation_accuracy": float(validation["eval_accuracy"]),
-        "validation_loss": float(validation["eval_loss"]),
-        "test_accuracy": float(test["test_accuracy"]),
-        "test_loss": float(test["test_loss"]),
-        "validation_samples": len(data.splits["validation"]),
-        "test_samples": len(data.splits["test"]),
-        "train_loss": [float(losses[s]) for s in sorted(losses)],
-        **({"validation_curve": sorted({**curve, step: validation["eval_accuracy"]}.items())} if curve else {}),
-        "steps": int(step),
-        "head_learning_rate": float(model_args.head_learning_rate),
-        "trainable_params": int(trainable),
-        "total_params": int(total),
-        "train_seconds": round(train_seconds, 2),
-        "seconds": round(time.perf_counter() - started, 2),
-    }
+        result = train(model_args, data_args, training_args, task=Loaded())
+    metrics, state = result.metrics, result.trainer.state
+    losses = {e["step"]: e["loss"] for e in state.log_history if "loss" in e and "step" in e}
+    curve = {e["step"]: float(e["eval_accuracy"]) for e in state.log_history if "eval_accuracy" in e}
+    curve = sorted({**curve, state.global_step: metrics["validation_accuracy"]}.items()) if curve else None
+    trainable, total = count_parameters(result.trainer.model)
+    record = {**asdict(spec), **{f"{split}_{k}": float(metrics[f"{split}_{k}"]) for split in SPLITS for k in SCORES}}
+    record |= {f"{split}_samples": int(metrics[f"{split}_samples"]) for split in SPLITS}
+    record["train_loss"] = [float(losses[s]) for s in sorted(losses)]
+    record |= {"validation_curve": curve} if curve else {}
+    record |= {"steps": int(state.global_step), "head_learning_rate": float(model_args.head_learning_rate)}
+    record |= {"trainable_params": int(trainable), "total_params": int(total)}
+    record["train_seconds"] = round(metrics["train_runtime"], 2)
+    return record | {"seconds": round(time.perf_counter() - started, 2)}
 
 
 # ------------------------------------------------------------------------------------------------------- the suite
@@ -379,27 +346,16 @@ def _sweep_state(
 
 
 def spread(values: Sequence[float]) -> dict[str, Any]:
-    """n, mean, sample standard deviation (ddof 1; 0 for one value), min and max."""
+    """n, mean, sample standard deviation (ddof 1; 0 for one value), min and max (None for no values)."""
     values = [float(v) for v in values]
-    if not values:
-        return {"n": 0, "mean": None, "std": None, "min": None, "max": None, "values": []}
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {
-        "n": len(values),
-        "mean": statistics.fmean(values),
-        "std": std,
-        "min": min(values),
-        "max": max(values),
-        "values": values,
-    }
+    std = (statistics.stdev(values) if len(values) > 1 else 0.0) if values else None
+    mean, low, high = (f(values) if values else None for f in (statistics.fmean, min, max))
+    return {"n": len(values), "mean": mean, "std": std, "min": low, "max": high, "values": values}
 
 
 def _accuracies(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "test_accuracy": spread([r["test_accuracy"] for r in runs]),
-        "validation_accuracy": spread([r["validation_accuracy"] for r in runs]),
-        "trainable_params": runs[0]["trainable_params"],
-    }
+    found = {f"{split}_accuracy": spread([r[f"{split}_accuracy"] for r in runs]) for split in ("test", "validation")}
+    return found | {"trainable_params": runs[0]["trainable_params"]}
 
 
 def summarize(runs: Sequence[dict[str, Any]], protocol: Protocol, dataset: str, methods: Sequence[str]) -> dict:
@@ -471,11 +427,11 @@ class Suite:
         self.data_info = dict(previous.get("datasets", {}))
         self.runs = list(previous["runs"])
 
-    def run(self, spec: RunSpec, phase: str, data: Any, model_path: str) -> dict[str, Any]:
+    def run(self, spec: RunSpec, phase: str, data: Any) -> dict[str, Any]:
         for record in self.runs:
             if RunSpec.of(record).key() == spec.key():
                 return record
-        record = {"phase": phase, **train_one(spec, self.protocol, data, self.model, model_path)}
+        record = {"phase": phase, **train_one(spec, self.protocol, data, self.model)}
         self.runs.append(record)
         print(
             f"[{(time.perf_counter() - self.started) / 60:5.1f} min] {spec.dataset:12s} {phase:8s} {spec.method:14s} "
@@ -512,50 +468,43 @@ class Suite:
 
     def execute(self, datasets: Sequence[str]) -> Path:
         """The protocol on ``datasets``: the sweep, the seeds at the chosen rates, the bottleneck ablation."""
-        from mona_peft.training.recipe import resolve_model_path
-
-        model_path, p = resolve_model_path(self.model), self.protocol
+        p = self.protocol
         for dataset in datasets:
             data = self._data(dataset)
             first, *others = p.seeds
             for method in self.methods:  # 1. the sweep, one seed, extended past an edge that wins
                 for lr in p.lr_grids[method]:
-                    self.run(RunSpec(dataset, method, lr, first, p.bottleneck), "sweep", data, model_path)
+                    self.run(RunSpec(dataset, method, lr, first, p.bottleneck), "sweep", data)
                 while (lr := _sweep_state(self.runs, p, dataset, method)[1]) is not None:
-                    self.run(RunSpec(dataset, method, lr, first, p.bottleneck), "sweep", data, model_path)
+                    self.run(RunSpec(dataset, method, lr, first, p.bottleneck), "sweep", data)
             for method in self.methods:  # 2. the other seeds at the chosen learning rate
                 for seed in others:
                     spec = RunSpec(dataset, method, self.chosen_rate(dataset, method), seed, p.bottleneck)
-                    self.run(spec, "seed", data, model_path)
+                    self.run(spec, "seed", data)
             if "mona" in self.methods:  # 3. the bottleneck ablation at Mona's chosen learning rate
                 for m in (m for m in p.ablation_bottlenecks if m != p.bottleneck):
                     for seed in p.seeds:
                         spec = RunSpec(dataset, "mona", self.chosen_rate(dataset, "mona"), seed, m)
-                        self.run(spec, "ablation", data, model_path)
+                        self.run(spec, "ablation", data)
         return self.write(finished=True)
 
     def execute_ablation(self, dataset: str) -> Path:
         """The pre-registered ablation on ``dataset`` at Mona's chosen rate of this protocol, whose sweep must be in
         the results already; the protocol's runs of the same configuration are reused."""
-        from mona_peft.training.recipe import resolve_model_path
-
         if not _sweep_state(self.runs, self.protocol, dataset, "mona")[0]:
             raise SystemExit(f"The ablation needs Mona's sweep on {dataset} in this protocol's results: run it first.")
-        model_path, data = resolve_model_path(self.model), self._data(dataset)
-        lr = self.chosen_rate(dataset, "mona")
+        data, lr = self._data(dataset), self.chosen_rate(dataset, "mona")
         for seed in self.protocol.seeds:
             for _, spec in ablation_specs(dataset, lr, seed, self.protocol.bottleneck):
-                self.run(spec, "plan", data, model_path)
+                self.run(spec, "plan", data)
         return self.write(finished=True)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="a tiny setting for the smoke test")
-    size.add_argument("--full", action="store_true", help="the full-size offline protocol (224 px), for a GPU")
-    size.add_argument("--cpu", action="store_true", help="the CPU protocol even when CUDA is there")
-    size.add_argument("--protocol", choices=sorted(PROTOCOLS), default=None, help="any protocol by name")
+    size.add_argument("--quick", action="store_true", help="a tiny setting for the smoke test (--protocol quick)")
+    size.add_argument("--protocol", choices=sorted(PROTOCOLS), default="cpu", help="the protocol (default: cpu)")
     parser.add_argument("--datasets", default=None, help="comma-separated; also folder:<dir>, hub:<id>")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {list(METHODS)}")
     parser.add_argument("--model", default=None, help="checkpoint (default: the protocol's, or offline DINOv2-small)")
@@ -563,23 +512,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--resume", action="store_true", help="keep the runs the results file already holds")
     parser.add_argument("--max-steps", type=int, default=None, help="cap every run (smoke tests of a long protocol)")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds instead of the protocol's")
-    parser.add_argument(
-        "--ablation",
-        nargs="?",
-        const=ABLATION_DATASET,
-        metavar="DATASET",
-        help=f"the pre-registered ablation on DATASET (default {ABLATION_DATASET}); implies --resume",
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch threads (default on a CPU: 1; two threads on this shared 2-core machine ran 10x slower)",
-    )
+    parser.add_argument("--ablation", nargs="?", const=ABLATION_DATASET, metavar="DATASET",
+                        help=f"the pre-registered ablation on DATASET (default {ABLATION_DATASET}); implies "
+                        "--resume")  # fmt: skip
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default on a CPU: 1; two threads "
+                        "on this shared 2-core machine ran 10x slower)")  # fmt: skip
     args = parser.parse_args(argv)
 
-    default = "full" if args.full or (not args.cpu and torch.cuda.is_available()) else "cpu"
-    protocol = PROTOCOLS[args.protocol or ("quick" if args.quick else default)]
+    protocol = PROTOCOLS["quick" if args.quick else args.protocol]
     if args.max_steps is not None:
         protocol = replace(protocol, max_steps=args.max_steps, epochs=None, name=f"{protocol.name}-capped")
     if args.seeds is not None:

@@ -422,3 +422,22 @@ def test_drop_path_rate_reaches_the_backbone_or_is_refused(tiny_dinov2: Path, ti
         ModelArguments(drop_path_rate=1.0)
     with pytest.raises(ValueError, match="image classification"):
         SegmentationModelArguments(drop_path_rate=0.3)
+
+
+def test_mona_options_reach_the_adapter_config_and_the_card(tiny_dinov2: Path) -> None:
+    from mona_peft.training.card import recipe_hyperparameters
+
+    argv = ["--mona_dropout", "0.0", "--mona_init", "official", "--mona_prefix_tokens", "unchanged"]
+    model_args, _, training_args = parse_args([*argv, "--model_name_or_path", str(tiny_dinov2)])
+    config = build_model(model_args, ["a", "b"]).peft_config["default"]
+    assert (config.dropout, config.init_weights, config.prefix_tokens) == (0.0, "official", "unchanged")
+    default = build_model(ModelArguments(model_name_or_path=str(tiny_dinov2)), ["a", "b"]).peft_config["default"]
+    assert (default.dropout, default.init_weights, default.prefix_tokens) == (0.1, True, "tokenwise")
+    card = recipe_hyperparameters(
+        training_args, model_args, 10, head="h", no_decay="n", image_size=32, augmentation="a"
+    )
+    assert (card["mona_dropout"], card["mona_init"], card["mona_prefix_tokens"]) == (0.0, "official", "unchanged")
+    with pytest.raises(ValueError, match=r"--mona_dropout must be a probability in \[0, 1\), got 1.0"):
+        ModelArguments(mona_dropout=1.0)
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        parse_args(["--mona_init", "random"])

@@ -109,6 +109,19 @@ class ModelArguments:
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank r (method lora)."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (method lora)."})
     lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout (method lora)."})
+    mona_dropout: float = arg(0.1, "Dropout inside each Mona adapter, after its GELU (paper: 0.1).")
+    mona_init: str = arg(
+        "zero",
+        "Mona's up projection at the start: zero (each adapter starts as the identity) or official (the official "
+        "code's random initialisation).",
+        choices=["zero", "official"],
+    )
+    mona_prefix_tokens: str = arg(
+        "tokenwise",
+        "What Mona does to the CLS/register tokens: tokenwise (its per-token path, as the official code) or "
+        "unchanged (only the patch grid is adapted).",
+        choices=["tokenwise", "unchanged"],
+    )
     head_learning_rate: float | None = field(
         default=None,
         metadata={
@@ -135,6 +148,8 @@ class ModelArguments:
         for name in ("bottleneck_dim", "lora_rank", "lora_alpha"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
+        if not 0 <= self.mona_dropout < 1:
+            raise ValueError(f"--mona_dropout must be a probability in [0, 1), got {self.mona_dropout}.")
         if self.drop_path_rate is not None and not 0 <= self.drop_path_rate < 1:
             raise ValueError(f"--drop_path_rate must be in [0, 1), got {self.drop_path_rate}.")
         if self.drop_path_rate is not None and not self.supports_drop_path:

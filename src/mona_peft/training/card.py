@@ -149,6 +149,8 @@ def recipe_hyperparameters(
     }
     if model_args.method == "mona":
         params["bottleneck_dim"] = model_args.bottleneck_dim
+        for name in ("mona_dropout", "mona_init", "mona_prefix_tokens"):
+            params[name] = getattr(model_args, name, None)
     if model_args.method == "lora":
         for name in ("lora_rank", "lora_alpha", "lora_dropout"):
             params[name] = getattr(model_args, name, None)

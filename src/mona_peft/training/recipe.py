@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -274,6 +274,7 @@ def apply_method(
     *,
     heads: Sequence[str] | None = None,
     lora_targets: Sequence[str] | str | None = None,
+    mona_options: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """Make ``model`` trainable the way ``method`` says (see :data:`~mona_peft.training.arguments.METHODS`), for
     any task.
@@ -281,7 +282,8 @@ def apply_method(
     ``mona`` and ``lora`` return a ``PeftModel`` whose head is trained and saved through ``modules_to_save``;
     ``full`` and ``linear`` return the model itself with ``requires_grad`` set. ``heads`` are the task head's module
     names (default: :func:`head_module_names`, a classifier's); ``lora_targets`` are LoRA's ``target_modules``
-    (default: the query/value projections, :func:`lora_target_modules`).
+    (default: the query/value projections, :func:`lora_target_modules`); ``mona_options`` are further
+    :class:`~mona_peft.MonaConfig` fields (e.g. ``dropout``, ``init_weights``, ``prefix_tokens``).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -290,7 +292,8 @@ def apply_method(
     heads = list(heads) if heads is not None else head_module_names(model)
     if method == "mona":
         try:
-            return get_peft_model(model, MonaConfig(bottleneck_dim=bottleneck_dim, modules_to_save=heads))
+            config = MonaConfig(bottleneck_dim=bottleneck_dim, modules_to_save=heads, **(mona_options or {}))
+            return get_peft_model(model, config)
         except ValueError as exc:
             raise ModelError(
                 f"--method mona cannot wrap {type(model).__name__}: {exc} Use a ViT/DeiT/DINOv2/Swin checkpoint, or "
@@ -330,7 +333,14 @@ def prepare_model(
         lora_dropout=model_args.lora_dropout,
         heads=heads,
         lora_targets=lora_targets,
+        mona_options=mona_config_options(model_args),
     )
+
+
+def mona_config_options(model_args: Any) -> dict[str, Any]:
+    """The :class:`~mona_peft.MonaConfig` fields the command line sets besides the bottleneck (``--mona_*``)."""
+    init = {"zero": True, "official": "official"}[model_args.mona_init]
+    return {"dropout": model_args.mona_dropout, "init_weights": init, "prefix_tokens": model_args.mona_prefix_tokens}
 
 
 def build_model(model_args: ModelArguments, labels: list[str], model_path: str | None = None) -> nn.Module:
