@@ -89,10 +89,8 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
 
 
 def write_results(name: str, payload: dict[str, Any], results_dir: Path | None = None) -> Path:
-    """Write ``payload`` as ``<results_dir>/<name>.json`` and return the path."""
-    directory = Path(results_dir) if results_dir is not None else RESULTS_DIR
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{name}.json"
+    path = Path(results_dir or RESULTS_DIR) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")
     return path
 
@@ -128,17 +126,12 @@ def per_method(records: list[dict], key: str = "ms") -> dict[str, dict[str, Any]
     return {m: describe([r[key] for r in records if r["method"] == m]) for m in methods}
 
 
-def mean_ms(fn: Callable[[], Any], calls: int) -> float:
-    """Mean wall time of ``calls`` calls of ``fn`` in ms (``torch.utils.benchmark.Timer``, at the current threads)."""
-    return Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).timeit(calls).mean * 1e3
-
-
 def interleave(variants: dict[str, Callable[[], Any]], rounds: int, calls: int, rng: random.Random,
-               contexts: dict[str, Callable[[], Any]] | None = None) -> list[dict[str, Any]]:  # fmt: skip
-    """Interleaved rounds: each round times every variant once (:func:`mean_ms` of ``calls`` calls) in a fresh random
-    order, so that all share the machine's slow and fast moments; after one untimed call each. ``contexts``: a
-    context entered around a variant's timed calls (outside the timer)."""
-    enter = (contexts or {}).get
+               contexts: dict[str, Callable] | None = None, threads: int | None = None) -> list[dict]:  # fmt: skip
+    """Interleaved rounds: each round times every variant once (mean ms of ``calls`` calls, at ``threads`` or the
+    current count) in a fresh random order, so that all share the machine's slow and fast moments; after one untimed
+    call each. ``contexts``: a context entered around a variant's timed calls (outside the timer)."""
+    enter, threads = (contexts or {}).get, threads or torch.get_num_threads()
     for name, fn in variants.items():
         with enter(name, contextlib.nullcontext)():
             fn()
@@ -148,7 +141,8 @@ def interleave(variants: dict[str, Callable[[], Any]], rounds: int, calls: int, 
         rng.shuffle(order)
         for name in order:
             with enter(name, contextlib.nullcontext)():
-                records.append({"round": r, "method": name, "ms": mean_ms(variants[name], calls)})
+                timer = Timer(stmt="fn()", globals={"fn": variants[name]}, num_threads=threads)
+                records.append({"round": r, "method": name, "ms": timer.timeit(calls).mean * 1e3})
     return records
 
 
@@ -247,6 +241,13 @@ def mona_config(bottleneck_dim: int = 64, modules_to_save: list[str] | None = No
     return MonaConfig(bottleneck_dim=bottleneck_dim, modules_to_save=heads)
 
 
+def filter_input(batch: int, channels: int, grid: int) -> tuple[torch.Tensor, list[nn.Parameter], list[nn.Parameter]]:
+    """The depthwise filter's input as ``MonaAdapter.forward`` hands it over (the patch tokens of a [B, 1 + H*W, m]
+    tensor, transposed to [B, m, H, W]: a channels-last view), and the weights and biases of 3x3, 5x5 and 7x7 convs."""
+    image = torch.randn(batch, 1 + grid * grid, channels)[:, 1:].transpose(1, 2).reshape(batch, channels, grid, grid)
+    convs = [nn.Conv2d(channels, channels, k, padding=k // 2, groups=channels) for k in (3, 5, 7)]
+    return image, [c.weight for c in convs], [c.bias for c in convs]
+
+
 def count(parameters: Iterable[torch.Tensor]) -> int:
-    """Number of elements of ``parameters``."""
     return sum(p.numel() for p in parameters)

@@ -1,11 +1,9 @@
 """Where Mona's time goes: torch.profiler on one Mona module at ViT-B/16 shapes and on a ViT-B/16 train step, through
 the public API only (``MonaAdapter`` and its ``fused`` / ``merge_filters`` flags, ``disable_adapter()``, module hooks).
 
-1. One module ([32, 197, 768], 14x14 grid, m = 64), plain-op and fused: :func:`staged_forward` (checked bit-identical)
-   times each stage; backward nodes are charged to the stage whose forward ops created them (sequence numbers).
+1. Each stage of one module ([32, 197, 768], 14x14 grid, m = 64), plain-op and fused, forward and backward.
 2. Plain ops vs fused in interleaved rounds with an A/A twin; what autograd saves for backward.
-3. A train step (batch 8, AdamW): Mona's compute (ranges opened by hooks on every adapter) and its glue (aten ops run
-   in ``mona_peft`` outside the adapters, from the profiler's Python stacks).
+3. speed.py's train step (batch 8): Mona's compute (adapter hooks) and glue (from the profiler's Python stacks).
 4. Glue per block call on a tiny model: wrapped vs plain, with adapters disabled, and the adapters alone.
 
     python -m benchmarks.profile_mona           # ~2-5 minutes on 2 cores
@@ -29,7 +27,7 @@ import torch.nn.functional as F
 from peft import get_peft_model
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from benchmarks import common
+from benchmarks import common, speed
 from mona_peft import MonaAdapter
 from mona_peft.filters import merged_filter, merged_filter_params, reference_filter
 from mona_peft.fused import scaled_norm_down
@@ -79,11 +77,7 @@ def staged_forward(adapter: MonaAdapter, x: torch.Tensor, grid: tuple[int, int],
     """``adapter(x, grid, num_prefix)`` written out from the adapter's public sub-modules and parameters, with one
     ``record_function`` per stage (labels: :func:`stages_of`): the same ops in the same order as
     ``MonaAdapter.forward`` for parameters in ``x``'s dtype (checked bit-identical by :func:`check_staged`)."""
-    if any(p.dtype != x.dtype for p in adapter.parameters()):
-        raise ValueError("staged_forward mirrors the path without casts: parameters and input in one dtype")
-    (batch, tokens, channels), (height, width), norm, down = x.shape, grid, adapter.norm, adapter.down
-    if tokens != num_prefix + height * width:
-        raise ValueError(f"{tokens} tokens do not fit a {height}x{width} grid with {num_prefix} prefix token(s)")
+    (batch, _, channels), (height, width), norm, down = x.shape, grid, adapter.norm, adapter.down
     if adapter.fused:
         with record_function(STAGE_NORM_DOWN):
             scales = (adapter.scale_norm, adapter.scale_skip)
@@ -124,17 +118,15 @@ def staged_forward(adapter: MonaAdapter, x: torch.Tensor, grid: tuple[int, int],
 
 
 def check_staged(adapter: MonaAdapter, x: torch.Tensor, grid: tuple[int, int], num_prefix: int) -> None:
-    """Raise unless :func:`staged_forward` gives bit-identical results to the adapter's own forward (eval mode, so
-    that dropout is off; the adapter's mode is restored)."""
+    """Raise unless :func:`staged_forward` gives bit-identical results to the adapter's own forward (in eval mode, so
+    that dropout is off; the adapter's mode is then restored)."""
     mode = adapter.training
     adapter.eval()
-    try:
-        with torch.no_grad():
-            if not torch.equal(staged_forward(adapter, x, grid, num_prefix), adapter(x, grid, num_prefix)):
-                raise AssertionError(f"staged_forward differs from MonaAdapter.forward (fused={adapter.fused}, "
-                                     f"merge_filters={adapter.merge_filters}); update the copy")  # fmt: skip
-    finally:
-        adapter.train(mode)
+    with torch.no_grad():
+        if not torch.equal(staged_forward(adapter, x, grid, num_prefix), adapter(x, grid, num_prefix)):
+            raise AssertionError(f"staged_forward differs from MonaAdapter.forward (fused={adapter.fused}, "
+                                 f"merge_filters={adapter.merge_filters}); update the copy")  # fmt: skip
+    adapter.train(mode)
 
 
 def _descendants(event: Any) -> Iterator[Any]:
@@ -182,16 +174,17 @@ def copy_caller(event: Any) -> str | None:
     return None
 
 
-def owner_of(event: Any) -> str | None:
-    """Who called an op, from the profiler's Python stack: the nearest frame of mona_peft, transformers, peft or the
-    benchmarks. ``"compute"``: mona_peft's adapter, fused function or filters; ``"glue"``: any other mona_peft file."""
+def is_glue(event: Any) -> bool:
+    """A top-level aten op in forward (nested ones count with their caller) whose nearest frame of mona_peft,
+    transformers, peft or the benchmarks on the profiler's Python stack is a mona_peft file not in _COMPUTE_FILES."""
+    nested = event.cpu_parent is not None and event.cpu_parent.name.startswith("aten::")
+    if not event.name.startswith("aten::") or nested or _in_backward(event):
+        return False
     for frame in (m for a in _ancestors(event) if (m := _FRAME.match(a.name))):
         path = "/" + frame["path"].replace("\\", "/")
-        if "/mona_peft/" in path:
-            return "compute" if path.rsplit("/", 1)[-1] in _COMPUTE_FILES else "glue"
-        if any(f"/{library}/" in path for library in _OTHER_OWNERS):
-            return None
-    return None
+        if any(f"/{library}/" in path for library in ("mona_peft", *_OTHER_OWNERS)):
+            return "/mona_peft/" in path and path.rsplit("/", 1)[-1] not in _COMPUTE_FILES
+    return False
 
 
 def _median_tables(tables: tuple[dict[str, dict[str, float]], ...]) -> dict[str, dict[str, float]]:
@@ -211,8 +204,7 @@ def module_setup(shape: dict[str, int], seed: int, fused: bool = False) -> tuple
 
 def one_pass(forward: Callable[[torch.Tensor], torch.Tensor], module: torch.nn.Module, x: torch.Tensor,
              grad: torch.Tensor, train: bool) -> Callable[[], None]:  # fmt: skip
-    """Put ``module`` in train or eval mode; a train pass of ``forward`` (forward + backward, gradients dropped) or an
-    inference pass."""
+    """``module`` in train (or eval) mode, and a pass of ``forward``: with backward, gradients dropped (or no grad)."""
     module.train(train)
 
     def run() -> None:
@@ -227,8 +219,7 @@ def one_pass(forward: Callable[[torch.Tensor], torch.Tensor], module: torch.nn.M
 
 
 def module_breakdown(shape: dict[str, int], iterations: int, seed: int, fused: bool = False) -> dict[str, Any]:
-    """Per-stage and per-op breakdown of one Mona module (train: forward + backward; inference: forward), in its
-    plain-op form or its fused one."""
+    """Per-stage and per-op breakdown of one Mona module, plain-op or fused (train: forward + backward; inference)."""
     adapter, x, grad, grid, num_prefix = module_setup(shape, seed, fused)
     check_staged(adapter, x, grid, num_prefix)  # the instrumented copy computes exactly what the adapter computes
     labels, result = stages_of(adapter, num_prefix), {"fused": fused, "merge_filters": adapter.merge_filters}
@@ -251,8 +242,8 @@ def module_breakdown(shape: dict[str, int], iterations: int, seed: int, fused: b
     return result
 
 
-def saved_tensor_mib(run: Callable[[], torch.Tensor]) -> float:
-    """MiB of distinct storages autograd keeps for backward during ``run()`` (parameters excluded)."""
+def saved_tensor_mib(adapter: MonaAdapter, x: torch.Tensor, grid: tuple[int, int], num_prefix: int) -> float:
+    """MiB of distinct storages autograd keeps for backward of ``adapter``'s forward (parameters excluded)."""
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -261,7 +252,7 @@ def saved_tensor_mib(run: Callable[[], torch.Tensor]) -> float:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run()
+        adapter(x.detach().requires_grad_(True), grid, num_prefix)
     return sum(storages.values()) / 2**20
 
 
@@ -279,8 +270,7 @@ def module_comparison(shape: dict[str, int], rounds: int, inner: int, seed: int)
         pairs = ["fused/unfused", "unfused_twin/unfused"]
         result[mode] = {"ms": common.per_method(records), "ratios": common.ratios(records, pairs)}
     result["saved_for_backward_mib"] = {
-        name: saved_tensor_mib(lambda a=a: a(x.detach().requires_grad_(True), grid, num_prefix))
-        for name, a in (("unfused", unfused), ("fused", fused))
+        name: saved_tensor_mib(a, x, grid, num_prefix) for name, a in (("unfused", unfused), ("fused", fused))
     }
     return result
 
@@ -289,14 +279,11 @@ def filter_variants(shape: dict[str, int], rounds: int, inner: int, seed: int) -
     """The filter alone in eval (no grad): merged as in src (kernel merged every call), merged with a cached kernel,
     three convs; to size the kernel-cache idea."""
     torch.manual_seed(seed)
-    b, m, g = shape["batch"], shape["bottleneck"], shape["grid"]
-    image = torch.randn(b, 1 + g * g, m)[:, 1:].transpose(1, 2).reshape(b, m, g, g)
-    convs = [torch.nn.Conv2d(m, m, k, padding=k // 2, groups=m) for k in (3, 5, 7)]
-    weights, biases = [c.weight for c in convs], [c.bias for c in convs]
+    image, weights, biases = common.filter_input(shape["batch"], shape["bottleneck"], shape["grid"])
     with torch.no_grad():
         kernel, bias = merged_filter_params(weights, biases)
         variants = {"merged (src)": lambda: merged_filter(image, weights, biases),
-                    "merged, cached kernel": lambda: F.conv2d(image, kernel, bias, padding=3, groups=m),
+                    "merged, cached kernel": lambda: F.conv2d(image, kernel, bias, padding=3, groups=image.shape[1]),
                     "three convs (reference)": lambda: reference_filter(image, weights, biases)}  # fmt: skip
         records = common.interleave(variants, rounds, inner, random.Random(seed))
     pairs = (("cached/src", "merged, cached kernel"), ("reference/src", "three convs (reference)"))
@@ -322,74 +309,41 @@ def op_costs(rounds: int, inner: int, seed: int) -> dict[str, Any]:
     return {"shape": [32, 197, 768], "ms": common.per_method(records)}
 
 
-def label_adapters(model: torch.nn.Module, label: str = COMPUTE_LABEL) -> list[Any]:
-    """Open a ``record_function(label)`` range when a ``MonaAdapter`` of ``model`` starts its forward and close it when
-    it returns (forward pre-hooks and hooks); returns the hook handles."""
-    handles = []
-    for module, ranges in ((m, []) for m in model.modules() if isinstance(m, MonaAdapter)):
-        opened = module.register_forward_pre_hook(lambda *_, r=ranges: r.append(record_function(label).__enter__()))
-        handles += [opened, module.register_forward_hook(lambda *_, r=ranges: r.pop().__exit__(None, None, None))]
-    return handles
-
-
 def train_step_breakdown(model_key: str, batch: int, iterations: int, seed: int) -> dict[str, Any]:
-    """Profile a Mona train step (forward, backward, optimizer) and Mona's compute and glue within it: the adapters'
-    ranges, and the top-level aten ops called from mona_peft outside them. The profiler's Python tracing slows the
-    step a little: the shares are the point, the step's time is in docs/benchmarks.md."""
-    spec = common.MODELS[model_key]
-    torch.manual_seed(seed)
-    model = get_peft_model(common.build_classifier(spec), common.mona_config(modules_to_save=[common.HEAD])).train()
-    handles = label_adapters(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randn(batch, 3, spec.image_size, spec.image_size, generator=generator)
-    labels = torch.randint(0, 1000, (batch,), generator=generator)
+    """Profile speed.py's Mona train step (its ranges: forward, backward, optimizer) and Mona's compute and glue within
+    it: the adapters' ranges, and the top-level aten ops called from mona_peft outside them. The profiler's Python
+    tracing slows the step a little: the shares are the point, the step's time is in docs/benchmarks.md."""
+    bench = speed.MethodBench(model_key, "mona", torch.get_num_threads(), seed, None)
+    adapters = [m for m in bench.model.modules() if isinstance(m, MonaAdapter)]
+    for module, ranges in ((m, []) for m in adapters):  # a range from each adapter's forward pre-hook to its hook
+        module.register_forward_pre_hook(lambda *_, r=ranges: r.append(record_function(COMPUTE_LABEL).__enter__()))
+        module.register_forward_hook(lambda *_, r=ranges: r.pop().__exit__(None, None, None))
 
-    def step() -> None:
-        with record_function("step: forward"):
-            loss = F.cross_entropy(model(pixel_values=pixels).logits, labels)
-        with record_function("step: backward"):
-            loss.backward()
-        with record_function("step: optimizer"):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    def root(e: Any) -> str | None:
+        return "compute" if e.name == COMPUTE_LABEL else "glue" if is_glue(e) else None
 
-    def root(e: Any) -> str | None:  # glue: top-level aten ops in forward (nested ones count with their caller)
-        if e.name == COMPUTE_LABEL:
-            return "compute"
-        nested = e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")
-        glue = e.name.startswith("aten::") and not nested and not _in_backward(e) and owner_of(e) == "glue"
-        return "glue" if glue else None
-
-    try:
-        step()
-        rows = []
-        for _ in range(iterations):
-            with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
-                start = time.perf_counter()
-                step()
-                row = {"wall_ms": (time.perf_counter() - start) * 1e3}
-            events = list(prof.events())
-            row |= {e.name: e.cpu_time_total / 1e3 for e in events if e.name.startswith("step: ")}
-            found = charge(events, [(name, e) for e in events if (name := root(e))], ("compute", "glue"))
-            row["mona compute: forward"], row["mona compute: backward"] = found["compute"].values()
-            row[GLUE_FORWARD], row[GLUE_BACKWARD] = found["glue"].values()
-            rows.append(row)
-    finally:
-        for handle in handles:
-            handle.remove()
-    found = {"model": spec.name, "batch": batch, "iterations": iterations}
-    found["adapters"] = sum(isinstance(m, MonaAdapter) for m in model.modules())
+    bench.step("train", batch)
+    rows = []
+    for _ in range(iterations):
+        with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+            start = time.perf_counter()
+            bench.step("train", batch)
+            row = {"wall_ms": (time.perf_counter() - start) * 1e3}
+        events = list(prof.events())
+        row |= {e.name: e.cpu_time_total / 1e3 for e in events if e.name.startswith("step: ")}
+        found = charge(events, [(name, e) for e in events if (name := root(e))], ("compute", "glue"))
+        row["mona compute: forward"], row["mona compute: backward"] = found["compute"].values()
+        row[GLUE_FORWARD], row[GLUE_BACKWARD] = found["glue"].values()
+        rows.append(row)
+    found = {"model": bench.spec.name, "batch": batch, "iterations": iterations, "adapters": len(adapters)}
     keys = dict.fromkeys(k for r in rows for k in r)
     return found | {"median_ms": {k: statistics.median(r.get(k, 0.0) for r in rows) for k in keys}}
 
 
 def flop_bounds(model_key: str, bottleneck: int = 64, lora_rank: int = 16) -> dict[str, Any]:
-    """Multiply-adds per image of the backbone's blocks, of Mona and of LoRA r=16 q/v, and the ratios they imply.
-
-    Matmuls and convs only (what no implementation avoids). Training: the frozen backbone runs forward + input
-    gradients (2x forward), the adapters forward + input and weight gradients (3x), full fine-tuning 3x the backbone.
-    """
+    """Multiply-adds per image of the backbone's blocks, of Mona and of LoRA r=16 q/v, and the ratios they imply:
+    matmuls and convs only (what no implementation avoids). Training: the frozen backbone runs forward + input
+    gradients (2x forward), the adapters forward + input and weight gradients (3x), full FT 3x the backbone."""
     spec, config = common.MODELS[model_key], common.MODELS[model_key].config()
     if spec.family == "swin":
         side = config.image_size // config.patch_size
@@ -417,11 +371,10 @@ def hook_overhead(rounds: int, inner: int, seed: int) -> dict[str, Any]:
     (``disable_adapter()``); wrapped with Mona; its Mona modules alone, on the inputs they got in a wrapped forward
     (captured with forward hooks). Glue per block = (Mona - plain - modules alone) / blocks; an idle wrapper per
     block = (disabled - plain) / blocks."""
-    from transformers import ViTConfig, ViTForImageClassification
+    from transformers import ViTForImageClassification
 
     torch.manual_seed(seed)
-    sizes = dict(hidden_size=32, num_hidden_layers=12, num_attention_heads=2, intermediate_size=64)
-    config = ViTConfig(**sizes, image_size=32, patch_size=8)
+    config = common.MODELS["tiny-vit"].config(num_hidden_layers=12, num_attention_heads=2)  # hidden 32, image 32
     plain = ViTForImageClassification(config).eval()
     wrapped = get_peft_model(ViTForImageClassification(config), common.mona_config(bottleneck_dim=8)).eval()
     pixels, calls = torch.randn(1, 3, 32, 32), []
@@ -438,14 +391,11 @@ def hook_overhead(rounds: int, inner: int, seed: int) -> dict[str, Any]:
     forward = {"plain": plain, "wrapped, adapters disabled": wrapped, "mona": wrapped}
     variants = {name: (lambda m=m: m(pixel_values=pixels)) for name, m in forward.items()}
     variants["mona modules alone"] = lambda: [m(*a, **k) for m, a, k in calls]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # microsecond-scale work: keep OpenMP barriers (and other processes) out of it
-    try:  # the disabled wrapper's context is entered around its timed calls, outside the timer
-        with torch.no_grad():
-            contexts = {"wrapped, adapters disabled": wrapped.disable_adapter}
-            records = common.interleave(variants, rounds, inner, random.Random(seed), contexts)
-    finally:
-        torch.set_num_threads(threads)
+    # Timed at 1 thread: microsecond-scale work, keep OpenMP barriers (and other processes) out of it. The disabled
+    # wrapper's context is entered around its timed calls, outside the timer.
+    with torch.no_grad():
+        contexts = {"wrapped, adapters disabled": wrapped.disable_adapter}
+        records = common.interleave(variants, rounds, inner, random.Random(seed), contexts, threads=1)
     records = [{**r, "us": r["ms"] * 1e3} for r in records]
     by_round = [{r["method"]: r["us"] for r in records if r["round"] == i} for i in range(rounds)]
     blocks = config.num_hidden_layers

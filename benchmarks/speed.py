@@ -1,10 +1,8 @@
 """Training-step time, peak memory and inference latency of Mona next to the frozen backbone, full fine-tuning and
 LoRA, plus the depthwise filter alone (merged vs three convs); docs/benchmarks.md explains the method.
 
-Methods: METHOD_LABELS (mona_twin: the A/A pair, the noise floor; mona_before: with ``--baseline-rev REV``, the
-``src/`` of that revision in a fresh interpreter), each in its own worker process, one at a time, in interleaved
-rounds (each once per round, in a fresh random order); comparisons are medians of per-round ratios. Workers get the
-same glibc allocator thresholds; steps run on warm heaps when all workers fit in memory, else on trimmed ones.
+Methods: METHOD_LABELS (mona_twin: the A/A noise floor), each in a worker process of its own, one at a time, in
+interleaved rounds; comparisons are medians of per-round ratios.
 
     python -m benchmarks.speed                 # ViT-B/16 and Swin-T at 224 px, batch 8, 32 (~30-35 min, 2 idle cores)
     python -m benchmarks.speed --baseline-rev d706065   # ... and the code of that revision as method mona_before
@@ -38,7 +36,7 @@ import peft  # imported before forking so that the workers share it
 import torch
 import torch.nn.functional as F
 import transformers  # noqa: F401
-from torch import nn
+from torch.profiler import record_function
 
 import mona_peft  # (registers the "mona" PEFT method; in mona_before's worker, the baseline revision's package)
 from benchmarks import common
@@ -93,14 +91,13 @@ def fix_allocator_policy() -> bool:
 
 
 class MethodBench:
-    """One method on one model, in a worker process of its own: builds it once, then measures train steps and
-    inference. ``package_dir``: where mona_peft must come from (a baseline's ``src``)."""
+    """One method on one model (here in a worker process of its own; profile_mona profiles its train step): builds it
+    once, then measures train steps and inference. ``package_dir``: where mona_peft must come from (a baseline's)."""
 
     def __init__(self, model_key: str, method: str, threads: int, seed: int, package_dir: str | None) -> None:
         if package_dir and not Path(mona_peft.__file__).resolve().is_relative_to(Path(package_dir).resolve()):
             raise RuntimeError(f"{method} should run mona_peft from {package_dir}, got {mona_peft.__file__}")
         torch.set_num_threads(threads)
-        self.allocator_policy_fixed = fix_allocator_policy()
         self.spec, self.method, self.threads = common.MODELS[model_key], method, threads
         self.inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         torch.manual_seed(seed)
@@ -127,11 +124,10 @@ class MethodBench:
         trainable, total = common.count(self.trainable), common.count(self.model.parameters())
         info = {"trainable_params": trainable, "total_params": total, "rss_after_build_mib": rss_mib()}
         info |= {"mona_peft_file": mona_peft.__file__, "mona_adapters": len(adapters)}
-        info["mona_compute"] = sorted({f"fused={m.fused}, merge_filters={m.merge_filters}" for m in adapters})
-        return info | {"allocator_policy_fixed": self.allocator_policy_fixed}
+        return info | {"mona_compute": sorted({f"fused={m.fused}, merge_filters={m.merge_filters}" for m in adapters})}
 
     def step(self, kind: str, batch: int) -> None:
-        """One training step (forward, cross-entropy, backward, AdamW) or one inference forward, on a fixed batch."""
+        """A train step (forward, cross-entropy, backward, AdamW; ranges for profile_mona) or an inference forward."""
         if batch not in self.inputs:
             generator, size = torch.Generator().manual_seed(batch), self.spec.image_size
             pixels = torch.randn(batch, 3, size, size, generator=generator)
@@ -139,9 +135,13 @@ class MethodBench:
         pixels, labels = self.inputs[batch]
         self.model.train(kind == "train")
         if kind == "train":
-            F.cross_entropy(self.model(pixel_values=pixels).logits, labels).backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            with record_function("step: forward"):
+                loss = F.cross_entropy(self.model(pixel_values=pixels).logits, labels)
+            with record_function("step: backward"):
+                loss.backward()
+            with record_function("step: optimizer"):
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
             return
         half = batch // 2  # mona_mixed: the first half of the batch on one adapter, the rest on the other
         routing = {"adapter_names": [MIXED_ADAPTERS[0]] * half + [MIXED_ADAPTERS[1]] * (batch - half)}
@@ -171,12 +171,13 @@ _BENCH: MethodBench | None = None  # the method a worker process holds
 
 
 def in_worker(command: str, *args: Any) -> Any:
-    """What a worker runs: ``start`` builds its :class:`MethodBench` (returns its info), ``measure`` calls it,
-    ``release`` gives the free heap back to the OS (returns the RSS after)."""
+    """What a worker runs: ``start`` fixes the allocator policy and builds its :class:`MethodBench` (returns its info),
+    ``measure`` calls it, ``release`` gives the free heap back to the OS (returns the RSS after)."""
     global _BENCH
     if command == "start":
+        fixed = fix_allocator_policy()
         _BENCH = MethodBench(*args)
-        return _BENCH.info()
+        return _BENCH.info() | {"allocator_policy_fixed": fixed}
     return trim_heap() if command == "release" else _BENCH.measure(*args)
 
 
@@ -267,16 +268,12 @@ def summarize_config(config: dict, records: list[dict]) -> dict:
 
 
 def filter_benchmark(batch: int, bottleneck: int, grid: int, rounds: int, inner: int, seed: int) -> dict[str, Any]:
-    """Merged vs three-conv filter at one shape, forward (no grad) and forward + backward, in interleaved rounds with
-    an A/A twin. The input is laid out as ``MonaAdapter.forward`` hands it over: the patch tokens of a [B, 1 + H*W, m]
-    tensor, transposed to [B, m, H, W] (a channels-last view)."""
+    """Merged vs three-conv filter at one shape (input: :func:`common.filter_input`), forward (no grad) and forward +
+    backward, in interleaved rounds with an A/A twin."""
     from mona_peft.filters import merged_filter, reference_filter
 
     torch.manual_seed(seed)
-    tokens = torch.randn(batch, 1 + grid * grid, bottleneck)
-    image = tokens[:, 1:].transpose(1, 2).reshape(batch, bottleneck, grid, grid)
-    convs = [nn.Conv2d(bottleneck, bottleneck, k, padding=k // 2, groups=bottleneck) for k in (3, 5, 7)]
-    weights, biases = [c.weight for c in convs], [c.bias for c in convs]
+    image, weights, biases = common.filter_input(batch, bottleneck, grid)
     grad = torch.randn(batch, bottleneck, grid, grid)
 
     def forward(fn: Any) -> None:
@@ -308,8 +305,6 @@ def extract_baseline(rev: str, into: Path) -> dict[str, Any]:
     archive = subprocess.check_output(["git", "archive", "--format=tar", commit, "src"], cwd=common.REPO)
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(into, filter="data")
-    if not (into / "src" / "mona_peft" / "__init__.py").is_file():
-        raise RuntimeError(f"revision {rev} ({commit[:7]}) has no src/mona_peft package")
     found = {"rev": rev, "commit": commit, "short": commit[:7], "subject": subject[:200], "date": date}
     how = "git archive of src/ into a temporary directory; the worker is a fresh interpreter with that directory first"
     return found | {"mona_peft_sha256": package_digest(into / "src" / "mona_peft"), "how": how + " on sys.path"}
@@ -438,7 +433,7 @@ def main(argv: Iterable[str] | None = None) -> dict[str, Any]:
     payload |= {"targets": evaluate_targets(configs, filter_result, target_model, before), "records": records}
     payload |= {"load_average_at_end": common.load_average(), "seconds": round(time.perf_counter() - started, 1)}
     path = common.write_results("speed_quick" if args.quick else "speed", payload, args.results_dir)
-    for t in (t for t in payload["targets"] if "median" in t):
+    for t in payload["targets"]:
         print(f"  {t['status']:6s} {t['target']} [{t['scope']}]: {t['median']:.3f} ({t['min']:.3f}-{t['max']:.3f})")
     print(f"wrote {path} in {payload['seconds']} s", flush=True)
     return payload
