@@ -11,6 +11,7 @@ records and the server's state. Card building, argument checks and the import ho
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -403,10 +404,12 @@ def _mona_model(**config_kwargs: Any) -> Any:
     return get_peft_model(FAMILIES["vit"].build(), MonaConfig(bottleneck_dim=8, **config_kwargs))
 
 
-def test_card_of_a_model_built_from_a_config() -> None:
+def test_card_of_a_model_built_from_a_config(caplog: pytest.LogCaptureFixture) -> None:
     from mona_peft.hub import build_model_card
 
-    card = build_model_card(_mona_model(modules_to_save=["classifier"]), "alice/x", tags=["demo"])
+    with caplog.at_level(logging.WARNING):
+        card = build_model_card(_mona_model(modules_to_save=["classifier"]), "alice/x", tags=["demo"])
+    assert not caplog.records  # a new card starts from an empty metadata block: nothing to warn about
     assert card.data.library_name == "peft" and card.data.pipeline_tag == "image-classification"
     assert card.data.base_model is None  # no Hub id known: the Hub refuses local paths as base_model
     assert {"mona", "peft", "demo"} <= set(card.data.tags)

@@ -171,7 +171,7 @@ def build_card(
         data.eval_results = kept + new
         data.model_name = data.model_name or title
 
-    card = ModelCard("")
+    card = ModelCard("---\n{}\n---\n")  # an empty metadata block: ModelCard("") warns that it found none
     card.data = data
     card.text = text if text.startswith("\n") else "\n" + text
     return card
