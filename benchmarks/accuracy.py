@@ -21,7 +21,6 @@ import argparse
 import gzip
 import io
 import json
-import logging
 import pickle
 import statistics
 import tempfile
@@ -34,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import transformers
 
 import mona_peft  # noqa: F401  (registers the "mona" PEFT method)
 from benchmarks.common import RESULTS_DIR, machine_info, write_results
@@ -107,8 +107,6 @@ PROTOCOLS: dict[str, Protocol] = {
                         lr_grids={**LR_GRIDS, "full": (1e-5,)}, grid_extensions=0, eval_steps=40,
                         note="pilot of the 112 px budget: full fine-tuning at its 56 px rate on Animal-MNIST for "
                         "400 steps, validation accuracy every 40 steps, to see where it stops rising"),
-    "full": replace(_CPU, name="full", image_size=224, max_steps=1000, max_train_samples=None, max_eval_samples=None,
-                    note="full-size offline protocol for a GPU: 224 px (16 x 16 patches), every image, 1,000 steps"),
     "gpu": replace(_CPU, name="gpu", image_size=224, max_steps=0, epochs=100, max_train_samples=None,
                    max_eval_samples=None, ablation_bottlenecks=(32, 128), extra_args=("--drop_path_rate", "0.3"),
                    model="microsoft/swin-large-patch4-window7-224-in22k",
@@ -434,7 +432,7 @@ class Suite:
         record = {"phase": phase, **train_one(spec, self.protocol, data, self.model)}
         self.runs.append(record)
         print(
-            f"[{(time.perf_counter() - self.started) / 60:5.1f} min] {spec.dataset:12s} {phase:8s} {spec.method:14s} "
+            f"[{self.elapsed() / 60:5.1f} min] {spec.dataset:12s} {phase:8s} {spec.method:14s} "
             f"lr {spec.learning_rate:<8g} seed {spec.seed} m {spec.bottleneck:<3d} {spec.variant}: val "
             f"{record['validation_accuracy']:.3f} test {record['test_accuracy']:.3f} last loss "
             f"{record['train_loss'][-1]:.3f} ({record['seconds']:.0f} s)",
@@ -443,20 +441,18 @@ class Suite:
         self.write()
         return record
 
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
     def chosen_rate(self, dataset: str, method: str) -> float:
         return choose_learning_rate(_sweep_state(self.runs, self.protocol, dataset, method)[0])
 
     def write(self, finished: bool = False) -> Path:
-        payload = {
-            **self.payload,
-            "datasets": self.data_info,
-            "methods": {k: METHODS[k]["label"] for k in self.methods},
-            "finished": finished,
-            "suite_seconds": round(self.earlier_seconds + time.perf_counter() - self.started, 1),
-            "sessions": self.sessions,
-            "summary": {d: summarize(self.runs, self.protocol, d, self.methods) for d in self.data_info},
-            "runs": self.runs,
-        }
+        summary = {d: summarize(self.runs, self.protocol, d, self.methods) for d in self.data_info}
+        methods = {k: METHODS[k]["label"] for k in self.methods}
+        payload = {**self.payload, "datasets": self.data_info, "methods": methods}
+        payload |= {"finished": finished, "suite_seconds": round(self.earlier_seconds + self.elapsed(), 1)}
+        payload |= {"sessions": self.sessions, "summary": summary, "runs": self.runs}
         return write_results(self.path.stem, payload, self.path.parent)
 
     def _data(self, dataset: str) -> Any:
@@ -531,9 +527,6 @@ def main(argv: Sequence[str] | None = None) -> Path:
     threads = torch.get_num_threads()
     if args.threads is not None or not torch.cuda.is_available():
         torch.set_num_threads(args.threads or 1)
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    import transformers
-
     transformers.logging.set_verbosity_error()
     name = {"cpu": "accuracy", "cpu112": "accuracy_112"}.get(protocol.name, f"accuracy_{protocol.name}")
     path = Path(args.results_dir or RESULTS_DIR) / f"{name}.json"
@@ -542,8 +535,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         path = suite.execute_ablation(args.ablation) if args.ablation else suite.execute(datasets)
     finally:
         torch.set_num_threads(threads)  # main() also runs in-process (tests): leave the thread count as found
-    minutes = (time.perf_counter() - suite.started) / 60
-    print(f"wrote {path} ({len(suite.runs)} runs, {minutes:.1f} min)", flush=True)
+    print(f"wrote {path} ({len(suite.runs)} runs, {suite.elapsed() / 60:.1f} min)", flush=True)
     return path
 
 

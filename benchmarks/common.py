@@ -207,24 +207,12 @@ def build_classifier(spec: ModelSpec, num_labels: int = 1000) -> nn.Module:
     return getattr(transformers, f"{_FAMILIES[spec.family]}ForImageClassification")(spec.config(num_labels=num_labels))
 
 
-def backbone_of(model: nn.Module) -> nn.Module:
-    """The backbone of a transformers classifier (``model.vit``, ``model.swin``, ...): everything but the head."""
-    return getattr(model, model.base_model_prefix)
-
-
-def lora_target_modules(model: nn.Module) -> list[str]:
-    """LoRA's q/v targets under the installed transformers' names: ``q_proj``/``v_proj`` (5.x), ``query``/``value``."""
-    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    found = next((names for names in (["q_proj", "v_proj"], ["query", "value"]) if set(names) <= leaves), None)
-    if found is None:
-        raise ValueError(f"{type(model).__name__} has neither q_proj/v_proj nor query/value modules.")
-    return found
-
-
 def lora_config(model: nn.Module | None = None, modules_to_save: list[str] | None = None,
                 targets: list[str] | None = None) -> Any:  # fmt: skip
     """LoRA r = 16 (alpha = r, no dropout) on ``targets``, by default ``model``'s attention query and value."""
     from peft import LoraConfig
+
+    from mona_peft.training.recipe import lora_target_modules
 
     targets = targets or lora_target_modules(model)
     return LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=targets, modules_to_save=modules_to_save)

@@ -26,6 +26,7 @@ from torch import nn
 from benchmarks import common
 from benchmarks.common import LORA_RANK, MODELS, count, lora_config, mona_config
 from mona_peft import MonaConfig, MonaLayer
+from mona_peft.training.recipe import lora_target_modules
 
 # Mona parameter counts of the official code at bottleneck 64, from its training logs (see docs/benchmarks.md).
 OFFICIAL_M64 = {"swin-t": 1_408_128, "swin-s": 2_867_328, "swin-b": 3_667_456, "swin-l": 5_267_712}
@@ -102,7 +103,7 @@ def measure_model(spec: common.ModelSpec, bottlenecks: tuple[int, ...]) -> dict[
     entry: dict[str, Any] = {"key": spec.key, "name": spec.name, "family": spec.family, "mona": []}
     for m in bottlenecks:
         probe, model, params = adapted(build, mona_config(bottleneck_dim=m))
-        backbone, widths = count(common.backbone_of(probe).parameters()), block_widths(model)
+        backbone, widths = count(getattr(probe, probe.base_model_prefix).parameters()), block_widths(model)
         row = {
             "bottleneck": m,
             "params": params,
@@ -111,7 +112,7 @@ def measure_model(spec: common.ModelSpec, bottlenecks: tuple[int, ...]) -> dict[
         }
         entry["mona"].append(row | {"adapter_file_bytes": saved_adapter_bytes(model)})
     entry |= {"blocks": len(widths), "block_widths": sorted(set(widths)), "backbone_params": backbone}
-    _, model, params = adapted(build, lora_config(targets=(targets := common.lora_target_modules(probe))))
+    _, model, params = adapted(build, lora_config(targets=(targets := lora_target_modules(probe))))
     entry["lora"] = {"rank": LORA_RANK, "targets": targets, "params": params, "share_of_backbone": params / backbone}
     entry["lora"]["adapter_file_bytes"] = saved_adapter_bytes(model)
     if spec.key in OFFICIAL_M64 and 64 in bottlenecks:
@@ -157,7 +158,7 @@ def measure_detectors(bottleneck: int = 64) -> list[dict[str, Any]]:
         bare = probe.model.level_embed.numel()  # a bare parameter: modules_to_save cannot hold it, it stays frozen
         # LoRA on the backbone alone: PEFT 0.21 cannot wrap these detectors with LoRA on transformers 5.x
         # (`get_input_embeddings` not auto-handled, the error Mona works around); the count is the same.
-        targets = common.lora_target_modules(probe)
+        targets = lora_target_modules(probe)
         lora = adapted(functools.partial(tf.SwinBackbone, swin), lora_config(targets=targets))[2]
         row = {"name": f"Deformable DETR, {spec.name}", "backbone": spec.name, "blocks": len(block_widths(model))}
         row |= {"bottleneck": bottleneck, "backbone_params": backbone, "detector_params": detector}

@@ -68,7 +68,7 @@ def test_ablation_runs_every_preregistered_variant_once_per_seed(ablation: dict)
 
 
 def test_report_renders_the_ablation_the_params_plot_and_resolutions(ablation: dict, tmp_path: Path) -> None:
-    from benchmarks.accuracy_report import accuracy_sections
+    from benchmarks.report import accuracy_sections
 
     results = tmp_path / "results"
     results.mkdir()
