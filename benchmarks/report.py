@@ -195,8 +195,8 @@ def render_benchmarks(results: Path, docs: Path) -> Path | None:
 METHOD_ORDER = ("linear", "full", "lora", "mona", "mona_official")
 LOSS_PLOT = "accuracy_loss_{dataset}{suffix}.png"
 PARAMS_PLOT = "accuracy_params{suffix}.png"
-RESULT_FILES = tuple(f"accuracy{s}.json" for s in ("", "_112", "_pilot112", "_full", "_gpu"))
-"""Results rendered, in this order: the 56 px CPU protocol, the 112 px one and its pilot, the GPU protocols."""
+RESULT_FILES = tuple(f"accuracy{s}.json" for s in ("", "_112", "_pilot112", "_gpu"))
+"""Results rendered, in this order: the 56 px CPU protocol, the 112 px one and its pilot, the GPU protocol."""
 TITLES = {"cpu": "## 3. Accuracy", "cpu112": "## 3b. Accuracy at 112 px", "pilot112": "### Pilot of the 112 px budget"}
 
 
