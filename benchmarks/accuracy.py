@@ -12,7 +12,8 @@ at other bottleneck widths. ``--ablation`` adds the pre-registered ablation of d
     python -m benchmarks.accuracy --quick               # a few seconds (smoke test)
 
 Results: ``benchmarks/results/accuracy[_<protocol>].json``, written after every run; ``--resume`` keeps the runs the
-file holds when it was written with the same run settings. ``python -m benchmarks.report`` renders them.
+file holds when it was written with the same run settings; ``--merge FILE ...`` joins suites run side by side (one
+process per dataset, each with ``--datasets D --results-dir DIR``). ``python -m benchmarks.report`` renders them.
 """
 
 from __future__ import annotations
@@ -425,6 +426,19 @@ class Suite:
         self.data_info = dict(previous.get("datasets", {}))
         self.runs = list(previous["runs"])
 
+    def merge(self, paths: Sequence[Path]) -> Path:
+        """Add the runs of other results files of this protocol (suites run side by side, e.g. one process per
+        dataset with its own ``--results-dir``) that this one lacks, and rewrite the results; nothing is trained."""
+        for path in paths:
+            other = json.loads(Path(path).read_text())
+            if {k: other["protocol"].get(k) for k in self.protocol.run_settings()} != self.protocol.run_settings():
+                raise SystemExit(f"{path} was written with other run settings than protocol {self.protocol.name}.")
+            known = {RunSpec.of(r).key() for r in self.runs}
+            self.runs += [r for r in other["runs"] if RunSpec.of(r).key() not in known]
+            self.data_info |= other["datasets"]
+            self.earlier_seconds += float(other.get("suite_seconds", 0.0))
+        return self.write()
+
     def run(self, spec: RunSpec, phase: str, data: Any) -> dict[str, Any]:
         for record in self.runs:
             if RunSpec.of(record).key() == spec.key():
@@ -511,6 +525,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--ablation", nargs="?", const=ABLATION_DATASET, metavar="DATASET",
                         help=f"the pre-registered ablation on DATASET (default {ABLATION_DATASET}); implies "
                         "--resume")  # fmt: skip
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON", help="add the runs of these results files "
+                        "(suites run side by side) to this protocol's and rewrite it; trains nothing")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default on a CPU: 1; two threads "
                         "on this shared 2-core machine ran 10x slower)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -530,9 +546,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
     transformers.logging.set_verbosity_error()
     name = {"cpu": "accuracy", "cpu112": "accuracy_112"}.get(protocol.name, f"accuracy_{protocol.name}")
     path = Path(args.results_dir or RESULTS_DIR) / f"{name}.json"
-    suite = Suite(protocol, methods, args.model or protocol.model, path, args.resume or args.ablation is not None)
+    resume = args.resume or args.ablation is not None or args.merge is not None
+    suite = Suite(protocol, methods, args.model or protocol.model, path, resume)
     try:
-        path = suite.execute_ablation(args.ablation) if args.ablation else suite.execute(datasets)
+        if args.merge:
+            path = suite.merge(args.merge)
+        else:
+            path = suite.execute_ablation(args.ablation) if args.ablation else suite.execute(datasets)
     finally:
         torch.set_num_threads(threads)  # main() also runs in-process (tests): leave the thread count as found
     print(f"wrote {path} ({len(suite.runs)} runs, {suite.elapsed() / 60:.1f} min)", flush=True)

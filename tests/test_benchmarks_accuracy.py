@@ -67,6 +67,29 @@ def test_ablation_runs_every_preregistered_variant_once_per_seed(ablation: dict)
     assert table["A2 dropout=0.0"]["trainable_params"] == table["base"]["trainable_params"]
 
 
+def test_merge_joins_suites_run_side_by_side(ablation: dict, tmp_path: Path) -> None:
+    """Two processes, one per method here (per dataset in practice), each with its own results file: --merge adds the
+    other's runs and rewrites the summary from all of them, training nothing; other run settings are refused."""
+    from benchmarks import accuracy
+
+    full = ablation["before"]
+    halves = []
+    for method in ("mona", "mona_official"):
+        part = {**full, "runs": [r for r in full["runs"] if r["method"] == method]}
+        (tmp_path / method).mkdir()
+        (tmp_path / method / "accuracy_quick.json").write_text(json.dumps(part))
+        halves.append(tmp_path / method / "accuracy_quick.json")
+    args = ["--quick", "--results-dir", str(tmp_path / "mona"), "--methods", "mona,mona_official", "--merge"]
+    merged = json.loads(accuracy.main([*args, str(halves[1])]).read_text())
+    key = lambda r: (r["method"], r["learning_rate"], r["seed"], r["bottleneck"])  # noqa: E731
+    assert sorted(map(key, merged["runs"])) == sorted(map(key, full["runs"]))
+    assert merged["summary"] == full["summary"] and not merged["finished"]
+    other = {**full, "protocol": {**full["protocol"], "image_size": 64}}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="other run settings"):
+        accuracy.main([*args, str(tmp_path / "other.json")])
+
+
 def test_report_renders_the_ablation_the_params_plot_and_resolutions(ablation: dict, tmp_path: Path) -> None:
     from benchmarks.report import accuracy_sections
 
