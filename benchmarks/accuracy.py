@@ -428,7 +428,8 @@ class Suite:
 
     def merge(self, paths: Sequence[Path]) -> Path:
         """Add the runs of other results files of this protocol (suites run side by side, e.g. one process per
-        dataset with its own ``--results-dir``) that this one lacks, and rewrite the results; nothing is trained."""
+        dataset with its own ``--results-dir``) that this one lacks, and rewrite the results; nothing is trained.
+        The suite's time adds theirs: process time, more than the wall time of processes that ran side by side."""
         for path in paths:
             other = json.loads(Path(path).read_text())
             if {k: other["protocol"].get(k) for k in self.protocol.run_settings()} != self.protocol.run_settings():
