@@ -83,11 +83,11 @@ class Protocol:
     datasets: tuple[str, ...] = ("textile", "animal-mnist")
     note: str = ""
 
-    def run_settings(self) -> dict[str, Any]:
-        """The fields that decide what one run gives (the others only decide which runs the suite does, so
-        ``--resume`` keeps runs across a change of those)."""
+    def same_run_settings(self, saved: dict[str, Any]) -> bool:
+        """Whether ``saved`` (a results file's protocol) has this one's fields that decide what one run gives (the
+        others only decide which runs the suite does, so ``--resume`` keeps runs across a change of those)."""
         keys = ("name", "image_size", "max_steps", "epochs", "batch_size", "max_train_samples", "max_eval_samples")
-        return {k: getattr(self, k) for k in keys}
+        return {k: saved.get(k) for k in keys} == json.loads(json.dumps({k: getattr(self, k) for k in keys}))
 
 
 PILOT_STEPS = 240
@@ -415,8 +415,7 @@ class Suite:
         previous = json.loads(path.read_text()) if resume and path.exists() else None
         if previous is None:
             return
-        before = {k: previous.get("protocol", {}).get(k) for k in protocol.run_settings()}
-        if before != json.loads(json.dumps(protocol.run_settings())):
+        if not protocol.same_run_settings(previous.get("protocol", {})):
             print(f"{path} was written with another protocol: starting afresh.", flush=True)
             return
         print(f"Resuming: {len(previous['runs'])} runs already in {path}.", flush=True)
@@ -432,7 +431,7 @@ class Suite:
         The suite's time adds theirs: process time, more than the wall time of processes that ran side by side."""
         for path in paths:
             other = json.loads(Path(path).read_text())
-            if {k: other["protocol"].get(k) for k in self.protocol.run_settings()} != self.protocol.run_settings():
+            if not self.protocol.same_run_settings(other["protocol"]):
                 raise SystemExit(f"{path} was written with other run settings than protocol {self.protocol.name}.")
             known = {RunSpec.of(r).key() for r in self.runs}
             self.runs += [r for r in other["runs"] if RunSpec.of(r).key() not in known]

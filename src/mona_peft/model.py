@@ -190,7 +190,9 @@ class MonaModel(BaseTuner):
         """Whether ``target_modules`` / ``exclude_modules`` select the module ``key``, under any spelling of its path
         (this transformers line's, the canonical one, or another line's), so that a config saved under one line
         selects the same blocks under another."""
-        spellings = self.__dict__.get("_mona_spellings") or self._block_spellings()
+        spellings = self.__dict__.get("_mona_spellings")
+        if spellings is None:  # asked outside inject_adapter (e.g. by PEFT's inspect_matched_modules)
+            spellings = self._block_spellings()
         names = spellings.get(key, {key})
         results = [check_target_module_exists(peft_config, name) for name in sorted(names)]
         if any(isinstance(result, _ExcludedModule) for result in results):

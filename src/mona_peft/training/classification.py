@@ -28,6 +28,7 @@ from .recipe import (
     build_model,
     forward_kwargs,
     head_module_names,
+    hub_kwargs,
     load_image_processor,
     resolve_model_path,
 )
@@ -72,9 +73,7 @@ class ClassificationTask(Task):
         return resolve_model_path(model_name_or_path)  # converts the offline backbone once
 
     def preprocessing(self, model_path: str, model_args: Any, data_args: Any, data: TaskData) -> tuple[Any, Any]:
-        processor = load_image_processor(
-            model_path, cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token
-        )
+        processor = load_image_processor(model_path, **hub_kwargs(model_args))
         return Preprocessing.from_processor(processor, data_args.image_size, data_args.min_crop_scale), processor
 
     def build_model(self, model_args: Any, data: TaskData, model_path: str) -> nn.Module:

@@ -172,11 +172,16 @@ def resolve_model_path(model_name_or_path: str | None) -> str:
     return str(ensure_dinov2_small())
 
 
-def load_image_processor(model_name_or_path: str, **hub_kwargs: Any) -> Any:
+def hub_kwargs(model_args: ModelArguments) -> dict[str, Any]:
+    """The Hub keyword arguments of ``from_pretrained`` (cache directory, revision, token) from ``model_args``."""
+    return {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
+
+
+def load_image_processor(model_name_or_path: str, **hub: Any) -> Any:
     """The checkpoint's image processor (PIL backend); raises :class:`ModelError` if it has none."""
     import transformers
 
-    kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
+    kwargs = {k: v for k, v in hub.items() if v is not None}
     if int(transformers.__version__.split(".")[0]) >= 5:
         kwargs["backend"] = "pil"  # torchvision is not a dependency; say so instead of warning about it
     try:
@@ -195,9 +200,7 @@ def image_normalisation(model_path: str, model_args: ModelArguments) -> tuple[tu
     none. The segmentation and detection tasks normalise with it; classification requires the processor instead
     (:meth:`~mona_peft.training.data.Preprocessing.from_processor`)."""
     try:
-        processor = load_image_processor(
-            model_path, cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token
-        )
+        processor = load_image_processor(model_path, **hub_kwargs(model_args))
     except ModelError:
         print(f"{model_path} has no image processor: normalising with the ImageNet mean and std.", flush=True)
         return IMAGENET_MEAN, IMAGENET_STD
@@ -237,7 +240,7 @@ def lora_target_modules(model: nn.Module) -> list[str]:
 def load_classifier(model_args: ModelArguments, labels: list[str], model_path: str | None = None) -> nn.Module:
     """The pretrained backbone with a fresh classification head for ``labels`` (no method applied yet)."""
     path = model_path or resolve_model_path(model_args.model_name_or_path)
-    hub = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
+    hub = hub_kwargs(model_args)
     config = AutoConfig.from_pretrained(
         path,
         num_labels=len(labels),

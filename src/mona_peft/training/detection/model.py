@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from ...heads import share_saved_modules
-from ..recipe import ModelError, lora_target_modules
+from ..recipe import ModelError, hub_kwargs, lora_target_modules
 
 METADATA_FILE = "detection.json"
 FROZEN_FILE = "detector_frozen.safetensors"
@@ -67,7 +67,7 @@ def load_detector(model_args: Any, labels: list[str], model_path: str) -> nn.Mod
     with its class head resized to ``labels``."""
     import transformers
 
-    hub = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
+    hub = hub_kwargs(model_args)
     config = transformers.AutoConfig.from_pretrained(model_path, **hub)
     if config.model_type in DETECTOR_TYPES:
         return transformers.AutoModelForObjectDetection.from_pretrained(

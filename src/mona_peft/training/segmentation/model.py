@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..data import IMAGENET_MEAN, IMAGENET_STD
-from ..recipe import ModelError, lora_target_modules
+from ..recipe import ModelError, hub_kwargs, lora_target_modules
 from .arguments import SegmentationModelArguments
 
 RANDOM_SWIN_NAME = "swin-mini-random-seed0"
@@ -92,10 +92,6 @@ def resolve_segmentation_model_path(model_name_or_path: str | None) -> str:
     return model_name_or_path if model_name_or_path is not None else str(ensure_random_swin())
 
 
-def _hub(model_args: SegmentationModelArguments) -> dict[str, Any]:
-    return {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
-
-
 def load_segmenter(
     model_args: SegmentationModelArguments, labels: list[str], ignore_index: int, model_path: str | None = None
 ) -> nn.Module:
@@ -108,7 +104,7 @@ def load_segmenter(
     from transformers import AutoConfig, SwinBackbone, UperNetConfig, UperNetForSemanticSegmentation
 
     path = model_path or resolve_segmentation_model_path(model_args.model_name_or_path)
-    hub = _hub(model_args)
+    hub = hub_kwargs(model_args)
     label_maps = {
         "num_labels": len(labels),
         "id2label": dict(enumerate(labels)),
