@@ -1,10 +1,9 @@
 """Where Mona's time goes: torch.profiler on one Mona module at ViT-B/16 shapes and on a ViT-B/16 train step, through
-the public API only (``MonaAdapter`` and its ``fused`` / ``merge_filters`` flags, ``disable_adapter()``, module hooks).
+the public API only (``MonaAdapter`` and its ``fused`` / ``merge_filters`` flags, module hooks).
 
 1. Each stage of one module ([32, 197, 768], 14x14 grid, m = 64), plain-op and fused, forward and backward.
 2. Plain ops vs fused in interleaved rounds with an A/A twin; what autograd saves for backward.
 3. speed.py's train step (batch 8): Mona's compute (adapter hooks) and glue (from the profiler's Python stacks).
-4. Glue per block call on a tiny model: wrapped vs plain, with adapters disabled, and the adapters alone.
 
     python -m benchmarks.profile_mona           # ~2-5 minutes on 2 cores
     python -m benchmarks.profile_mona --quick   # small shapes (smoke test)
@@ -13,10 +12,14 @@ the public API only (``MonaAdapter`` and its ``fused`` / ``merge_filters`` flags
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import itertools
+import linecache
 import random
 import re
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -24,13 +27,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft import get_peft_model
+from torch.overrides import TorchFunctionMode
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from benchmarks import common, speed
 from mona_peft import MonaAdapter
-from mona_peft.filters import merged_filter, merged_filter_params, reference_filter
-from mona_peft.fused import scaled_norm_down
 
 STAGE_NORM = "scaled norm: LN(x)*s1 + x*s2"
 STAGE_DOWN = "down projection (C -> m)"
@@ -48,7 +49,9 @@ UNLINKED = "(backward, not linked: grad accumulation, ...)"
 COMPUTE_LABEL = "mona: compute"
 GLUE_FORWARD = "mona glue (aten ops in mona_peft outside the adapters): forward"
 GLUE_BACKWARD = "mona glue (aten ops in mona_peft outside the adapters): backward"
+GLUE_PYTHON = "mona glue (Python in mona_peft outside the adapters, self time under the profiler)"
 BACKWARD_PREFIX = "autograd::engine::evaluate_function: "
+FORWARD = "MonaAdapter.forward"
 FB = ("forward_ms", "backward_ms")
 # A Python frame as the profiler names it with with_stack=True: "path/to/file.py(123): function".
 _FRAME = re.compile(r"^(?P<path>.+?\.py)\(\d+\): ")
@@ -65,68 +68,53 @@ SETTINGS = {
 }  # fmt: skip
 
 
-def stages_of(adapter: MonaAdapter, num_prefix: int) -> tuple[str, ...]:
-    """The stage labels :func:`staged_forward` records for ``adapter``'s settings, in order."""
-    head = (STAGE_NORM_DOWN,) if adapter.fused else (STAGE_NORM, STAGE_DOWN)
-    conv = (STAGE_MERGE, STAGE_CONV) if adapter.merge_filters else (STAGE_CONVS,)
-    tail = (STAGE_PREFIX,) if num_prefix and adapter.prefix_tokens == "unchanged" else ()
-    return (*head, STAGE_GRID, *conv, STAGE_CAT, STAGE_PROJ, STAGE_GELU, STAGE_UP, *tail)
+# The stage of a torch call: the first label whose snippet occurs in "<file> <function>: <source line>" of the nearest
+# calling frame in Mona's compute files, so the adapter's own forward is profiled (no copy of it here); a call that
+# matches none and runs an aten op makes :func:`unstaged_ops` complain.
+STAGES = (("F.layer_norm(", STAGE_NORM), ("cast(self.scale_norm)", STAGE_NORM), ("F.linear(scaled,", STAGE_DOWN),
+          ("fused.py ", STAGE_NORM_DOWN), (".split([num_prefix", STAGE_GRID), ("spatial(patches.", STAGE_GRID),
+          ("merged_filter_params:", STAGE_MERGE), ("merged_filter:", STAGE_CONV), ("reference_filter:", STAGE_CONVS),
+          ("image.flatten(2)", STAGE_CAT), ("torch.cat([prefix", STAGE_CAT), ("self.proj.", STAGE_PROJ),
+          ("torch.eye(", STAGE_PROJ), ("F.gelu(", STAGE_GELU), ("self.up.", STAGE_UP),
+          ("new_zeros(", STAGE_PREFIX))  # fmt: skip
+LABELS = tuple(dict.fromkeys(label for _, label in STAGES))
 
 
-def staged_forward(adapter: MonaAdapter, x: torch.Tensor, grid: tuple[int, int], num_prefix: int) -> torch.Tensor:
-    """``adapter(x, grid, num_prefix)`` written out from the adapter's public sub-modules and parameters, with one
-    ``record_function`` per stage (labels: :func:`stages_of`): the same ops in the same order as
-    ``MonaAdapter.forward`` for parameters in ``x``'s dtype (checked bit-identical by :func:`check_staged`)."""
-    (batch, _, channels), (height, width), norm, down = x.shape, grid, adapter.norm, adapter.down
-    if adapter.fused:
-        with record_function(STAGE_NORM_DOWN):
-            scales = (adapter.scale_norm, adapter.scale_skip)
-            h = scaled_norm_down(x, norm.weight, norm.bias, *scales, down.weight, down.bias, norm.eps)
-    else:
-        with record_function(STAGE_NORM):
-            scaled = F.layer_norm(x, (channels,), norm.weight, norm.bias, norm.eps)
-            scaled = scaled * adapter.scale_norm + x * adapter.scale_skip
-        with record_function(STAGE_DOWN):
-            h = F.linear(scaled, down.weight, down.bias)
-    with record_function(STAGE_GRID):
-        prefix, patches = h.split([num_prefix, height * width], dim=1)
-        image = patches.transpose(1, 2).reshape(batch, -1, height, width)
-    weights, biases = [conv.weight for conv in adapter.convs], [conv.bias for conv in adapter.convs]
-    if adapter.merge_filters:
-        with record_function(STAGE_MERGE):
-            kernel, bias = merged_filter_params(weights, biases)
-        with record_function(STAGE_CONV):
-            image = F.conv2d(image, kernel, bias, padding=kernel.shape[-1] // 2, groups=image.shape[1])
-    else:
-        with record_function(STAGE_CONVS):
-            image = reference_filter(image, weights, biases)
-    with record_function(STAGE_CAT):
-        patches = image.flatten(2).transpose(1, 2)
-        h = torch.cat([prefix, patches], dim=1) if num_prefix else patches
-    with record_function(STAGE_PROJ):
-        weight = adapter.proj.weight.flatten(1)
-        weight = weight + torch.eye(weight.shape[0], dtype=x.dtype, device=weight.device)
-        h = F.linear(h, weight, adapter.proj.bias)
-    with record_function(STAGE_GELU):
-        h = F.dropout(F.gelu(h), adapter.dropout, adapter.training)
-    with record_function(STAGE_UP):
-        delta = F.linear(h, adapter.up.weight, adapter.up.bias)
-    if num_prefix and adapter.prefix_tokens == "unchanged":
-        with record_function(STAGE_PREFIX):
-            delta = torch.cat([delta.new_zeros(batch, num_prefix, channels), delta[:, num_prefix:]], dim=1)
-    return delta
+class StageRanges(TorchFunctionMode):
+    """While active, each torch call that Mona's compute files make runs in a ``record_function`` range named after
+    its stage (:data:`STAGES`). Enter it around the adapter's forward only (not backward)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        frame, label = sys._getframe(1), None
+        while frame is not None and Path(frame.f_code.co_filename).name not in _COMPUTE_FILES:
+            frame = frame.f_back
+        if frame is not None:
+            file, line = frame.f_code.co_filename, frame.f_lineno
+            where = f"{Path(file).name} {frame.f_code.co_name}: {linecache.getline(file, line)}"
+            label = next((stage for snippet, stage in STAGES if snippet in where), None)
+        with record_function(label) if label else contextlib.nullcontext():
+            return func(*args, **(kwargs or {}))
 
 
-def check_staged(adapter: MonaAdapter, x: torch.Tensor, grid: tuple[int, int], num_prefix: int) -> None:
-    """Raise unless :func:`staged_forward` gives bit-identical results to the adapter's own forward (in eval mode, so
-    that dropout is off; the adapter's mode is then restored)."""
-    mode = adapter.training
-    adapter.eval()
-    with torch.no_grad():
-        if not torch.equal(staged_forward(adapter, x, grid, num_prefix), adapter(x, grid, num_prefix)):
-            raise AssertionError(f"staged_forward differs from MonaAdapter.forward (fused={adapter.fused}, "
-                                 f"merge_filters={adapter.merge_filters}); update the copy")  # fmt: skip
-    adapter.train(mode)
+def unstaged_ops(events: list[Any], root: str) -> list[str]:
+    """Top-level aten ops under the ``root`` ranges in no stage's range (none, when :data:`STAGES` is complete)."""
+    found = []
+    for r in (e for e in events if e.name == root):
+        for e in _descendants(r):
+            chain = itertools.takewhile(lambda a, r=r: a is not r, _ancestors(e))
+            if e.name.startswith("aten::") and not any(a.name.startswith(("aten::", *LABELS)) for a in chain):
+                found.append(e.name)
+    return found
+
+
+def staged(adapter: MonaAdapter, grid: tuple[int, int], num_prefix: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``adapter``'s forward in a range named :data:`FORWARD`, its stages in ranges (:class:`StageRanges`)."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with record_function(FORWARD), StageRanges():
+            return adapter(x, grid, num_prefix)
+
+    return forward
 
 
 def _descendants(event: Any) -> Iterator[Any]:
@@ -150,7 +138,8 @@ def charge(events: list[Any], roots: Iterable[tuple[str, Any]], names: Iterable[
     out, owner = {name: dict.fromkeys(FB, 0.0) for name in (*names, UNLINKED)}, {}
     for name, root in roots:
         out[name]["forward_ms"] += root.cpu_time_total / 1e3
-        owner |= {d.sequence_nr: name for d in (root, *_descendants(root)) if d.sequence_nr >= 0}
+        # ancestors too: an autograd Function's own event (it creates the backward node) encloses its forward's ops
+        owner |= {d.sequence_nr: name for d in (*_ancestors(root), root, *_descendants(root)) if d.sequence_nr >= 0}
     for e in events:
         if e.name.startswith(BACKWARD_PREFIX) and not _in_backward(e):
             out[owner.get(e.sequence_nr, UNLINKED)]["backward_ms"] += e.cpu_time_total / 1e3
@@ -183,8 +172,14 @@ def is_glue(event: Any) -> bool:
     for frame in (m for a in _ancestors(event) if (m := _FRAME.match(a.name))):
         path = "/" + frame["path"].replace("\\", "/")
         if any(f"/{library}/" in path for library in ("mona_peft", *_OTHER_OWNERS)):
-            return "/mona_peft/" in path and path.rsplit("/", 1)[-1] not in _COMPUTE_FILES
+            return glue_file(path)
     return False
+
+
+def glue_file(path: str) -> bool:
+    """A file of mona_peft that does not compute Mona itself (hooks, grids, mixed-batch routing)."""
+    path = "/" + path.replace("\\", "/")
+    return "/mona_peft/" in path and path.rsplit("/", 1)[-1] not in _COMPUTE_FILES
 
 
 def _median_tables(tables: tuple[dict[str, dict[str, float]], ...]) -> dict[str, dict[str, float]]:
@@ -221,10 +216,9 @@ def one_pass(forward: Callable[[torch.Tensor], torch.Tensor], module: torch.nn.M
 def module_breakdown(shape: dict[str, int], iterations: int, seed: int, fused: bool = False) -> dict[str, Any]:
     """Per-stage and per-op breakdown of one Mona module, plain-op or fused (train: forward + backward; inference)."""
     adapter, x, grad, grid, num_prefix = module_setup(shape, seed, fused)
-    check_staged(adapter, x, grid, num_prefix)  # the instrumented copy computes exactly what the adapter computes
-    labels, result = stages_of(adapter, num_prefix), {"fused": fused, "merge_filters": adapter.merge_filters}
+    result = {"fused": fused, "merge_filters": adapter.merge_filters}
     for mode in ("train", "inference"):
-        run = one_pass(lambda v: staged_forward(adapter, v, grid, num_prefix), adapter, x, grad, mode == "train")
+        run = one_pass(staged(adapter, grid, num_prefix), adapter, x, grad, mode == "train")
         run(), run()
         tables, totals = [], []
         for _ in range(iterations):
@@ -233,6 +227,9 @@ def module_breakdown(shape: dict[str, int], iterations: int, seed: int, fused: b
                 run()
                 totals.append((time.perf_counter() - start) * 1e3)
             events = list(prof.events())
+            if missed := unstaged_ops(events, FORWARD):
+                raise AssertionError(f"aten ops of MonaAdapter.forward in no stage: {missed}; extend STAGES")
+            labels = [label for label in LABELS if any(e.name == label for e in events)]
             stages = charge(events, ((e.name, e) for e in events if e.name in labels), labels)
             aten = self_times(events, lambda e: e.name if e.name.startswith("aten::") else None)
             tables.append((stages, aten, self_times(events, copy_caller)))
@@ -275,22 +272,6 @@ def module_comparison(shape: dict[str, int], rounds: int, inner: int, seed: int)
     return result
 
 
-def filter_variants(shape: dict[str, int], rounds: int, inner: int, seed: int) -> dict[str, Any]:
-    """The filter alone in eval (no grad): merged as in src (kernel merged every call), merged with a cached kernel,
-    three convs; to size the kernel-cache idea."""
-    torch.manual_seed(seed)
-    image, weights, biases = common.filter_input(shape["batch"], shape["bottleneck"], shape["grid"])
-    with torch.no_grad():
-        kernel, bias = merged_filter_params(weights, biases)
-        variants = {"merged (src)": lambda: merged_filter(image, weights, biases),
-                    "merged, cached kernel": lambda: F.conv2d(image, kernel, bias, padding=3, groups=image.shape[1]),
-                    "three convs (reference)": lambda: reference_filter(image, weights, biases)}  # fmt: skip
-        records = common.interleave(variants, rounds, inner, random.Random(seed))
-    pairs = (("cached/src", "merged, cached kernel"), ("reference/src", "three convs (reference)"))
-    ratios = {name: common.paired_ratios(records, variant, "merged (src)", "ms") for name, variant in pairs}
-    return {"shape": shape, "ms": common.per_method(records), "ratios": ratios}
-
-
 def op_costs(rounds: int, inner: int, seed: int) -> dict[str, Any]:
     """A few ops on one [32, 197, 768] activation (ViT-B/16, batch 32): what a full-width pass costs here."""
     generator = torch.Generator().manual_seed(seed)
@@ -311,7 +292,8 @@ def op_costs(rounds: int, inner: int, seed: int) -> dict[str, Any]:
 
 def train_step_breakdown(model_key: str, batch: int, iterations: int, seed: int) -> dict[str, Any]:
     """Profile speed.py's Mona train step (its ranges: forward, backward, optimizer) and Mona's compute and glue within
-    it: the adapters' ranges, and the top-level aten ops called from mona_peft outside them. The profiler's Python
+    it: the adapters' ranges, the top-level aten ops called from mona_peft outside them, and the self time of its
+    Python functions outside them (hooks, grids; inflated by the profiler's own Python tracing). The profiler's Python
     tracing slows the step a little: the shares are the point, the step's time is in docs/benchmarks.md."""
     bench = speed.MethodBench(model_key, "mona", torch.get_num_threads(), seed, None)
     adapters = [m for m in bench.model.modules() if isinstance(m, MonaAdapter)]
@@ -334,6 +316,8 @@ def train_step_breakdown(model_key: str, batch: int, iterations: int, seed: int)
         found = charge(events, [(name, e) for e in events if (name := root(e))], ("compute", "glue"))
         row["mona compute: forward"], row["mona compute: backward"] = found["compute"].values()
         row[GLUE_FORWARD], row[GLUE_BACKWARD] = found["glue"].values()
+        python = (e for e in events if (frame := _FRAME.match(e.name)) and glue_file(frame["path"]))
+        row[GLUE_PYTHON] = sum(e.self_cpu_time_total for e in python) / 1e3
         rows.append(row)
     found = {"model": bench.spec.name, "batch": batch, "iterations": iterations, "adapters": len(adapters)}
     keys = dict.fromkeys(k for r in rows for k in r)
@@ -366,47 +350,6 @@ def flop_bounds(model_key: str, bottleneck: int = 64, lora_rank: int = 16) -> di
     return found | {"bound_train_mona_over_full": (2 * backbone + 3 * mona) / (3 * backbone)}
 
 
-def hook_overhead(rounds: int, inner: int, seed: int) -> dict[str, Any]:
-    """Cost of Mona's glue per block call on a 12-block tiny ViT: plain; wrapped with its adapters disabled
-    (``disable_adapter()``); wrapped with Mona; its Mona modules alone, on the inputs they got in a wrapped forward
-    (captured with forward hooks). Glue per block = (Mona - plain - modules alone) / blocks; an idle wrapper per
-    block = (disabled - plain) / blocks."""
-    from transformers import ViTForImageClassification
-
-    torch.manual_seed(seed)
-    config = common.MODELS["tiny-vit"].config(num_hidden_layers=12, num_attention_heads=2)  # hidden 32, image 32
-    plain = ViTForImageClassification(config).eval()
-    wrapped = get_peft_model(ViTForImageClassification(config), common.mona_config(bottleneck_dim=8)).eval()
-    pixels, calls = torch.randn(1, 3, 32, 32), []
-
-    def capture(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], _output: Any) -> None:
-        calls.append((module, tuple(a.clone() if torch.is_tensor(a) else a for a in args), dict(kwargs)))
-
-    adapters = [m for m in wrapped.modules() if isinstance(m, MonaAdapter)]
-    handles = [m.register_forward_hook(capture, with_kwargs=True) for m in adapters]
-    with torch.no_grad():
-        wrapped(pixel_values=pixels)
-    for handle in handles:
-        handle.remove()
-    forward = {"plain": plain, "wrapped, adapters disabled": wrapped, "mona": wrapped}
-    variants = {name: (lambda m=m: m(pixel_values=pixels)) for name, m in forward.items()}
-    variants["mona modules alone"] = lambda: [m(*a, **k) for m, a, k in calls]
-    # Timed at 1 thread: microsecond-scale work, keep OpenMP barriers (and other processes) out of it. The disabled
-    # wrapper's context is entered around its timed calls, outside the timer.
-    with torch.no_grad():
-        contexts = {"wrapped, adapters disabled": wrapped.disable_adapter}
-        records = common.interleave(variants, rounds, inner, random.Random(seed), contexts, threads=1)
-    records = [{**r, "us": r["ms"] * 1e3} for r in records]
-    by_round = [{r["method"]: r["us"] for r in records if r["round"] == i} for i in range(rounds)]
-    blocks = config.num_hidden_layers
-    glue = [(row["mona"] - row["plain"] - row["mona modules alone"]) / blocks for row in by_round]
-    idle = [(row["wrapped, adapters disabled"] - row["plain"]) / blocks for row in by_round]
-    found = {"model": f"tiny ViT, {blocks} blocks, hidden 32, 17 tokens, batch 1, no grad, 1 thread"}
-    found["mona_modules_per_forward"], us = len(calls), common.per_method(records, "us")
-    found |= {"us_per_forward": {name: us[name] for name in variants}, "glue_us_per_block_call": common.describe(glue)}
-    return found | {"idle_wrapper_us_per_block_call": common.describe(idle)}
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Profile, and write ``profile.json`` (``profile_quick.json`` with ``--quick``); returns what it wrote."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -427,13 +370,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("unfused vs fused ...", flush=True)
         payload["fused_module"] = {"vit-b": module_comparison(shape, rounds, inner, seed),
                                    "swin-t stage 1": module_comparison(swin_shape, rounds, inner, seed)}  # fmt: skip
-        payload["filter_variants"] = filter_variants(shape, rounds, inner * 3, seed)
         payload["op_costs"] = op_costs(max(3, rounds // 2), inner * 2, seed)
         payload["flops"] = {key: flop_bounds(key) for key in ("vit-b", "swin-t")}
         print("train step ...", flush=True)
         payload["train_step"] = train_step_breakdown(*step, seed)
-        print("hook overhead ...", flush=True)
-        payload["hooks"] = hook_overhead(rounds * 2, inner * 10, seed)
     finally:
         torch.set_num_threads(threads_before)
     payload |= {"load_average_at_end": common.load_average(), "seconds": round(time.perf_counter() - started, 1)}

@@ -146,28 +146,6 @@ def _ordered(*groups: Iterable[str]) -> list[str]:
     return sorted(dict.fromkeys(itertools.chain(*groups)), key=key)
 
 
-def _plot_speed(speed: dict[str, Any], path: Path) -> None:
-    configs = speed["configs"]
-    panels = [("train", "seconds", "train step, s"), ("inference", "seconds", "inference, s")]
-    methods = _ordered(*(c["train"] for c in configs), *(c["inference"] for c in configs))
-    width = 0.8 / len(methods)
-    with figure(speed, path, (13, 4.4), panels=3) as axes:
-        for ax, (kind, key, title) in zip(axes, [*panels, ("train", "peak_mib", "train peak RSS, MiB")], strict=True):
-            for i, m in enumerate(methods):
-                found = [(j, c[kind][m][key]) for j, c in enumerate(configs) if c[kind].get(m, {}).get(key)]
-                found = [(j, stat) for j, stat in found if stat.get("n")]
-                if found:
-                    xs = [j + (i - (len(methods) - 1) / 2) * width for j, _ in found]
-                    err = [[s["median"] - s["min"] for _, s in found], [s["max"] - s["median"] for _, s in found]]
-                    label = speed["settings"]["method_labels"].get(m, m)
-                    ax.bar(xs, [s["median"] for _, s in found], width, yerr=err, capsize=2, label=label)
-            ax.set_xticks(range(len(configs)))
-            ax.set_xticklabels([f"{c['model_name']}\nbatch {c['batch']}" for c in configs], fontsize=8)
-            ax.set_title(title + " (median, min–max)", fontsize=10)
-            ax.grid(axis="y", alpha=0.3)
-        axes[0].legend(fontsize=7)
-
-
 def render_benchmarks(results: Path, docs: Path) -> Path | None:
     """Write ``docs/benchmarks.md`` (and its plots) from what ``results`` holds; None if it holds nothing."""
     params, speed, profile = (_load(results / f"{name}.json") for name in ("params", "speed", "profile"))
@@ -179,7 +157,6 @@ def render_benchmarks(results: Path, docs: Path) -> Path | None:
         _plot_params(params, docs / "params_share.png")
         context["trend"] = share_trend(params)
     if speed is not None:
-        _plot_speed(speed, docs / "speed.png")
         configs, labels = speed["configs"], speed["settings"]["method_labels"]
         loads = [c[k][0] for c in configs for k in ("load_average_before", "load_average_after") if c.get(k)]
         context |= {"label": lambda m: labels.get(m, m), "ordered": _ordered, "loads": loads}

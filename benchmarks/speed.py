@@ -269,12 +269,16 @@ def summarize_config(config: dict, records: list[dict]) -> dict:
 
 def filter_benchmark(batch: int, bottleneck: int, grid: int, rounds: int, inner: int, seed: int) -> dict[str, Any]:
     """Merged vs three-conv filter at one shape (input: :func:`common.filter_input`), forward (no grad) and forward +
-    backward, in interleaved rounds with an A/A twin."""
-    from mona_peft.filters import merged_filter, reference_filter
+    backward, in interleaved rounds with an A/A twin; forward also with the kernel merged once (a kernel cache)."""
+    from mona_peft.filters import merged_filter, merged_filter_params, reference_filter
 
     torch.manual_seed(seed)
     image, weights, biases = common.filter_input(batch, bottleneck, grid)
     grad = torch.randn(batch, bottleneck, grid, grid)
+    kernel, bias = (t.detach() for t in merged_filter_params(weights, biases))
+
+    def cached(x: torch.Tensor, *_: Any) -> torch.Tensor:
+        return F.conv2d(x, kernel, bias, padding=kernel.shape[-1] // 2, groups=x.shape[1])
 
     def forward(fn: Any) -> None:
         with torch.no_grad():
@@ -290,9 +294,9 @@ def filter_benchmark(batch: int, bottleneck: int, grid: int, rounds: int, inner:
     results |= {"calls_per_measurement": inner, "measurement": "mean wall time of the calls (Timer.timeit)"}
     rng, variants = random.Random(seed), {"merged": merged_filter, "reference": reference_filter}
     for mode, run in (("forward", forward), ("forward_backward", forward_backward)):
-        calls = {name: functools.partial(run, fn) for name, fn in {**variants, "merged_twin": merged_filter}.items()}
-        records = common.interleave(calls, rounds, inner, rng)
-        found = common.ratios(records, ["reference/merged", "merged_twin/merged"])
+        calls = {**variants, "merged_twin": merged_filter, **({"cached": cached} if mode == "forward" else {})}
+        records = common.interleave({k: functools.partial(run, fn) for k, fn in calls.items()}, rounds, inner, rng)
+        found = common.ratios(records, ["reference/merged", "merged_twin/merged", "cached/merged"])
         results[mode] = {"ms": common.per_method(records), "ratios": found}
     return results
 
