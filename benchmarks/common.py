@@ -126,23 +126,19 @@ def per_method(records: list[dict], key: str = "ms") -> dict[str, dict[str, Any]
     return {m: describe([r[key] for r in records if r["method"] == m]) for m in methods}
 
 
-def interleave(variants: dict[str, Callable[[], Any]], rounds: int, calls: int, rng: random.Random,
-               contexts: dict[str, Callable] | None = None, threads: int | None = None) -> list[dict]:  # fmt: skip
-    """Interleaved rounds: each round times every variant once (mean ms of ``calls`` calls, at ``threads`` or the
-    current count) in a fresh random order, so that all share the machine's slow and fast moments; after one untimed
-    call each. ``contexts``: a context entered around a variant's timed calls (outside the timer)."""
-    enter, threads = (contexts or {}).get, threads or torch.get_num_threads()
-    for name, fn in variants.items():
-        with enter(name, contextlib.nullcontext)():
-            fn()
-    records = []
+def interleave(variants: dict[str, Callable[[], Any]], rounds: int, calls: int, rng: random.Random) -> list[dict]:
+    """Interleaved rounds: each round times every variant once (mean ms of ``calls`` calls, at the current thread
+    count) in a fresh random order, so that all share the machine's slow and fast moments; after one untimed call
+    each."""
+    for fn in variants.values():
+        fn()
+    records, threads = [], torch.get_num_threads()
     for r in range(rounds):
         order = list(variants)
         rng.shuffle(order)
         for name in order:
-            with enter(name, contextlib.nullcontext)():
-                timer = Timer(stmt="fn()", globals={"fn": variants[name]}, num_threads=threads)
-                records.append({"round": r, "method": name, "ms": timer.timeit(calls).mean * 1e3})
+            timer = Timer(stmt="fn()", globals={"fn": variants[name]}, num_threads=threads)
+            records.append({"round": r, "method": name, "ms": timer.timeit(calls).mean * 1e3})
     return records
 
 

@@ -172,7 +172,7 @@ def is_glue(event: Any) -> bool:
     for frame in (m for a in _ancestors(event) if (m := _FRAME.match(a.name))):
         path = "/" + frame["path"].replace("\\", "/")
         if any(f"/{library}/" in path for library in ("mona_peft", *_OTHER_OWNERS)):
-            return glue_file(path)
+            return glue_file(frame["path"])
     return False
 
 
