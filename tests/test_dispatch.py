@@ -52,10 +52,13 @@ def _load(saved: dict[str, str], family: str, case: str | None, tmp_path) -> tor
     """The saved base, in memory (case None) or dispatched by accelerate."""
     cls = type(FAMILIES[family].build())
     path = saved[family]
+    # use_kernels=False for the bases that may go through cpu_offload (the default before transformers 5.25, which
+    # kernelizes by default when `kernels` is installed): train()/eval() re-kernelize on the first parameter's device,
+    # "meta" after cpu_offload, which kernels rejects.
     if case is None:
-        return cls.from_pretrained(path).eval()
+        return cls.from_pretrained(path, use_kernels=False).eval()
     if case == "cpu_offload":
-        return cpu_offload(cls.from_pretrained(path), execution_device=torch.device("cpu")).eval()
+        return cpu_offload(cls.from_pretrained(path, use_kernels=False), execution_device=torch.device("cpu")).eval()
     offload = tmp_path / f"offload_{len(list(tmp_path.iterdir()))}"
     if case == "split":
         device_map = _split_map(cls.from_pretrained(path))
