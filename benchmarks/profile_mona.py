@@ -73,7 +73,8 @@ SETTINGS = {
 # matches none and runs an aten op makes :func:`unstaged_ops` complain.
 STAGES = (("F.layer_norm(", STAGE_NORM), ("cast(self.scale_norm)", STAGE_NORM), ("F.linear(scaled,", STAGE_DOWN),
           ("fused.py ", STAGE_NORM_DOWN), (".split([num_prefix", STAGE_GRID), ("spatial(patches.", STAGE_GRID),
-          ("merged_filter_params:", STAGE_MERGE), ("merged_filter:", STAGE_CONV), ("reference_filter:", STAGE_CONVS),
+          ("merged_filter_params:", STAGE_MERGE), ("merged_filter:", STAGE_CONV), ("depthwise_conv:", STAGE_CONV),
+          ("filters.py forward:", STAGE_CONV), ("reference_filter:", STAGE_CONVS),
           ("image.flatten(2)", STAGE_CAT), ("torch.cat([prefix", STAGE_CAT), ("self.proj.", STAGE_PROJ),
           ("torch.eye(", STAGE_PROJ), ("F.gelu(", STAGE_GELU), ("self.up.", STAGE_UP),
           ("new_zeros(", STAGE_PREFIX))  # fmt: skip

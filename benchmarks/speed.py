@@ -268,17 +268,23 @@ def summarize_config(config: dict, records: list[dict]) -> dict:
 
 
 def filter_benchmark(batch: int, bottleneck: int, grid: int, rounds: int, inner: int, seed: int) -> dict[str, Any]:
-    """Merged vs three-conv filter at one shape (input: :func:`common.filter_input`), forward (no grad) and forward +
-    backward, in interleaved rounds with an A/A twin; forward also with the kernel merged once (a kernel cache)."""
+    """Merged vs three-conv filter at one shape (input and output gradient laid out as in the adapter:
+    :func:`common.filter_input`), forward (no grad) and forward + backward, in interleaved rounds with an A/A twin;
+    forward also with the kernel merged once (a kernel cache); forward + backward also with PyTorch's own conv
+    backward for the merged conv (``conv2d``, what src ran before its custom backward)."""
     from mona_peft.filters import merged_filter, merged_filter_params, reference_filter
 
     torch.manual_seed(seed)
     image, weights, biases = common.filter_input(batch, bottleneck, grid)
-    grad = torch.randn(batch, bottleneck, grid, grid)
+    grad = common.filter_input(batch, bottleneck, grid)[0]  # the same channels-last view as the adapter's backward
     kernel, bias = (t.detach() for t in merged_filter_params(weights, biases))
 
     def cached(x: torch.Tensor, *_: Any) -> torch.Tensor:
         return F.conv2d(x, kernel, bias, padding=kernel.shape[-1] // 2, groups=x.shape[1])
+
+    def conv2d(x: torch.Tensor, weights: Any, biases: Any) -> torch.Tensor:
+        merged, b = merged_filter_params(weights, biases)
+        return F.conv2d(x, merged, b, padding=merged.shape[-1] // 2, groups=x.shape[1])
 
     def forward(fn: Any) -> None:
         with torch.no_grad():
@@ -290,13 +296,14 @@ def filter_benchmark(batch: int, bottleneck: int, grid: int, rounds: int, inner:
             w.grad = None
 
     results: dict[str, Any] = {"shape": {"batch": batch, "bottleneck": bottleneck, "height": grid, "width": grid}}
-    results |= {"input_layout": "channels-last view of the token tensor, as in MonaAdapter.forward", "rounds": rounds}
+    results |= {"input_layout": "a channels-last view of the token tensor; the output gradient too", "rounds": rounds}
     results |= {"calls_per_measurement": inner, "measurement": "mean wall time of the calls (Timer.timeit)"}
     rng, variants = random.Random(seed), {"merged": merged_filter, "reference": reference_filter}
     for mode, run in (("forward", forward), ("forward_backward", forward_backward)):
-        calls = {**variants, "merged_twin": merged_filter, **({"cached": cached} if mode == "forward" else {})}
+        extra = {"cached": cached} if mode == "forward" else {"conv2d": conv2d}
+        calls = {**variants, "merged_twin": merged_filter, **extra}
         records = common.interleave({k: functools.partial(run, fn) for k, fn in calls.items()}, rounds, inner, rng)
-        found = common.ratios(records, ["reference/merged", "merged_twin/merged", "cached/merged"])
+        found = common.ratios(records, ["reference/merged", "merged_twin/merged", "cached/merged", "conv2d/merged"])
         results[mode] = {"ms": common.per_method(records), "ratios": found}
     return results
 

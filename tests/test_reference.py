@@ -10,7 +10,7 @@ from torch import nn
 
 import mona_peft
 from mona_peft import MonaConfig, MonaLayer
-from mona_peft.filters import merged_filter, reference_filter
+from mona_peft.filters import depthwise_conv, merged_filter, reference_filter
 from tiny_models import FAMILIES, pixels, randomize_adapter
 
 
@@ -133,6 +133,62 @@ def test_merged_filter_equals_reference(kernels: tuple[int, ...]) -> None:
     grads_fused = torch.autograd.grad(fused.square().sum(), [x, *weights, *biases])
     for a, b in zip(grads_ref, grads_fused, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    ("batch", "height", "width", "size", "layout", "bias", "needs"),
+    [
+        (2, 5, 7, 3, "dense", True, "all"),
+        (1, 4, 4, 5, "channels-last view", True, "all"),  # as MonaAdapter.forward passes it
+        (3, 6, 2, 7, "dense", False, "kernel"),  # kernel larger than the map; only the kernel's gradient
+        (2, 3, 5, 1, "channels-last view", True, "input"),
+    ],
+)
+def test_depthwise_conv_matches_conv2d_and_its_gradients(batch, height, width, size, layout, bias, needs) -> None:
+    """The merged filter's conv: values and every gradient equal F.conv2d's, numerically checked as well."""
+    torch.manual_seed(0)
+    m = 3
+    if layout == "dense":
+        x = torch.randn(batch, m, height, width, dtype=torch.float64)
+    else:  # [B, h*w, m] tokens seen as [B, m, h, w]
+        x = torch.randn(batch, height * width, m, dtype=torch.float64).transpose(1, 2).reshape(batch, m, height, width)
+    kernel = torch.randn(m, 1, size, size, dtype=torch.float64)
+    b = torch.randn(m, dtype=torch.float64) if bias else None
+    x.requires_grad_(needs in ("all", "input"))
+    kernel.requires_grad_(needs in ("all", "kernel"))
+    if b is not None:
+        b.requires_grad_(needs == "all")
+    inputs = [t for t in (x, kernel, b) if t is not None and t.requires_grad]
+
+    out = depthwise_conv(x, kernel, b)
+    expected = F.conv2d(x, kernel, b, padding=size // 2, groups=m)
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    for got, want in zip(
+        torch.autograd.grad(out, inputs, grad), torch.autograd.grad(expected, inputs, grad), strict=True
+    ):
+        torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(lambda *t: depthwise_conv(*_fill(t, x, kernel, b)), inputs)
+
+
+def test_depthwise_conv_kernel_gradient_over_several_chunks() -> None:
+    """Maps big enough that the kernel's gradient is summed over chunks of samples (sizes as SAM's 64x64 map at a
+    wide bottleneck): still F.conv2d's gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 200, 200, dtype=torch.float64, requires_grad=True)  # 1.28 MB per sample
+    kernel = torch.randn(4, 1, 7, 7, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, 4, 200, 200, dtype=torch.float64)
+    got = torch.autograd.grad(depthwise_conv(x, kernel, bias), [x, kernel, bias], grad)
+    want = torch.autograd.grad(F.conv2d(x, kernel, bias, padding=3, groups=4), [x, kernel, bias], grad)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def _fill(given, x, kernel, bias):
+    """(x, kernel, bias) with the tensors that require grad replaced by ``given``, in order."""
+    given = iter(given)
+    return [next(given) if t is not None and t.requires_grad else t for t in (x, kernel, bias)]
 
 
 def test_merged_and_reference_models_agree() -> None:

@@ -4,11 +4,16 @@ The filter is ``y = mean_k(dwconv_k(x)) + x`` over stride-1, same-padded depthwi
 convolutions is one convolution with the zero-padded kernels summed, and the identity skip is a centred unit kernel,
 so the whole filter equals a single depthwise conv with the largest kernel. Gradients reach every original kernel
 through the (differentiable) merge.
+
+On CPU, with gradients, the merged conv runs as :class:`DepthwiseConv`, whose backward computes both gradients with
+forward convolutions: oneDNN's own depthwise backward is several times slower than that at Mona's shapes
+(docs/benchmarks.md, the filter alone).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +47,69 @@ def merged_filter_params(
     return kernel + identity, bias
 
 
+_CHUNK_BYTES = 2**21  # per operand of DepthwiseConv's kernel-gradient conv
+
+
+class DepthwiseConv(torch.autograd.Function):
+    """``F.conv2d(x, kernel, bias, padding=k // 2, groups=m)`` (stride 1, odd ``k``) with a backward of two convs.
+
+    For a stride-1, same-padded depthwise conv both gradients are convolutions again::
+
+        dx = conv(dy, flip(kernel))                      same padding, one group per channel
+        dkernel[c] = sum_n conv(x[n, c], dy[n, c])       x padded by k // 2, dy as the kernel: a k x k output
+
+    The second runs as one depthwise conv over the ``n * m`` (sample, channel) maps, summed over the samples.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, kernel)
+        ctx.has_bias = bias is not None
+        return F.conv2d(x, kernel, bias, padding=kernel.shape[-1] // 2, groups=x.shape[1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, kernel = ctx.saved_tensors
+        batch, channels, height, width = x.shape
+        size = kernel.shape[-1]
+        grad_x = grad_kernel = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.conv2d(grad, kernel.flip((-2, -1)), padding=size // 2, groups=channels)
+        if ctx.needs_input_grad[1]:
+            # In chunks of samples of about _CHUNK_BYTES each: the grouped conv is several times faster per element
+            # while its operands fit in the cache (measured on CPU from ViT-B's 14x14 to SAM's 64x64 maps).
+            step = max(1, _CHUNK_BYTES // max(1, x[0].numel() * x.element_size()))
+            grad_kernel = kernel.new_zeros(kernel.shape)
+            for xs, gs in zip(x.split(step), grad.split(step), strict=True):
+                n = xs.shape[0]
+                maps = xs.transpose(0, 1).reshape(1, channels * n, height, width)
+                kernels = gs.transpose(0, 1).reshape(channels * n, 1, height, width)
+                part = F.conv2d(maps, kernels, padding=size // 2, groups=channels * n)
+                grad_kernel += part.view(channels, n, 1, size, size).sum(1)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum((0, 2, 3))
+        return grad_x, grad_kernel, grad_bias
+
+
+def depthwise_conv(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Stride-1, same-padded depthwise conv of ``x`` [B, m, H, W] with ``kernel`` [m, 1, k, k] (k odd).
+
+    Runs as :class:`DepthwiseConv` where that is faster and exact (CPU, gradients needed, no autocast), otherwise
+    as ``F.conv2d``."""
+    device = x.device.type
+    custom = (
+        device == "cpu"
+        and torch.is_grad_enabled()
+        and (x.requires_grad or kernel.requires_grad)
+        and not torch.is_autocast_enabled(device)
+    )
+    if custom:
+        return DepthwiseConv.apply(x, kernel, bias)
+    return F.conv2d(x, kernel, bias, padding=kernel.shape[-1] // 2, groups=x.shape[1])
+
+
 def merged_filter(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]) -> torch.Tensor:
     """Same result as :func:`reference_filter` (up to float rounding) with a single depthwise conv."""
     kernel, bias = merged_filter_params(weights, biases)
-    return F.conv2d(x, kernel, bias, padding=kernel.shape[-1] // 2, groups=x.shape[1])
+    return depthwise_conv(x, kernel, bias)
