@@ -146,6 +146,9 @@ def _ordered(*groups: Iterable[str]) -> list[str]:
     return sorted(dict.fromkeys(itertools.chain(*groups)), key=key)
 
 
+SIDE_RUNS = ("targets", "filter-backward")  # speed runs kept beside the main one (see templates/speed.md)
+
+
 def render_benchmarks(results: Path, docs: Path) -> Path | None:
     """Write ``docs/benchmarks.md`` (and its plots) from what ``results`` holds; None if it holds nothing."""
     params, speed, profile = (_load(results / f"{name}.json") for name in ("params", "speed", "profile"))
@@ -153,6 +156,8 @@ def render_benchmarks(results: Path, docs: Path) -> Path | None:
         return None
     docs.mkdir(parents=True, exist_ok=True)
     context: dict[str, Any] = {"params": params, "speed": speed, "profile": profile, "mona_at": mona_at}
+    # the pages of side runs rendered under this one (--docs-dir docs/<name>), which the speed section links to
+    context["side_runs"] = {name for name in SIDE_RUNS if (docs / name / "benchmarks.md").exists()}
     if params is not None:
         _plot_params(params, docs / "params_share.png")
         context["trend"] = share_trend(params)
