@@ -31,11 +31,12 @@ FAMILIES = {"swin": ("Swin", "tab:blue"), "vit": ("ViT", "tab:orange"), "dinov2"
 
 
 def _acc(stat: dict[str, Any] | None) -> str:
-    """An accuracy over seeds: mean ± sample std, and [min–max] with more than one seed."""
+    """An accuracy over seeds: mean ± sample std [min–max]; the mean alone with one seed (no spread to show)."""
     if not stat or not stat.get("n"):
         return "—"
-    text = f"{stat['mean']:.3f} ± {stat['std']:.3f}"
-    return text + (f" [{stat['min']:.3f}–{stat['max']:.3f}]" if stat["n"] > 1 else "")
+    if stat["n"] == 1:
+        return f"{stat['mean']:.3f} (1 seed)"
+    return f"{stat['mean']:.3f} ± {stat['std']:.3f} [{stat['min']:.3f}–{stat['max']:.3f}]"
 
 
 def _ratio(r: dict[str, Any] | None) -> str:

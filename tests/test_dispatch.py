@@ -52,21 +52,24 @@ def _load(saved: dict[str, str], family: str, case: str | None, tmp_path) -> tor
     """The saved base, in memory (case None) or dispatched by accelerate."""
     cls = type(FAMILIES[family].build())
     path = saved[family]
-    # use_kernels=False for the bases that may go through cpu_offload (the default before transformers 5.25, which
-    # kernelizes by default when `kernels` is installed): train()/eval() re-kernelize on the first parameter's device,
-    # "meta" after cpu_offload, which kernels rejects.
+
+    # Every base without hub kernels (the default before transformers 5.25, which applies them by default when
+    # `kernels` is installed): a no-op for ViT and Swin, which have no kernelized layers, but train()/eval() re-apply
+    # them on the first parameter's device, "meta" after cpu_offload, which kernels rejects (docs/big-models.md).
+    def load(**kwargs):
+        return cls.from_pretrained(path, use_kernels=False, **kwargs)
+
     if case is None:
-        return cls.from_pretrained(path, use_kernels=False).eval()
+        return load().eval()
     if case == "cpu_offload":
-        return cpu_offload(cls.from_pretrained(path, use_kernels=False), execution_device=torch.device("cpu")).eval()
+        return cpu_offload(load(), execution_device=torch.device("cpu")).eval()
     offload = tmp_path / f"offload_{len(list(tmp_path.iterdir()))}"
     if case == "split":
-        device_map = _split_map(cls.from_pretrained(path))
-        model = cls.from_pretrained(path, device_map=device_map, offload_folder=offload)
+        model = load(device_map=_split_map(load()), offload_folder=offload)
         assert set(model.hf_device_map.values()) == {"cpu", "disk"}
         return model.eval()
-    size = sum(p.numel() * p.element_size() for p in cls.from_pretrained(path).parameters())
-    model = cls.from_pretrained(path, device_map="auto", max_memory={"cpu": int(0.8 * size)}, offload_folder=offload)
+    size = sum(p.numel() * p.element_size() for p in load().parameters())
+    model = load(device_map="auto", max_memory={"cpu": int(0.8 * size)}, offload_folder=offload)
     assert "disk" in model.hf_device_map.values(), model.hf_device_map
     return model.eval()
 

@@ -172,17 +172,66 @@ def test_depthwise_conv_matches_conv2d_and_its_gradients(batch, height, width, s
 
 
 def test_depthwise_conv_kernel_gradient_over_several_chunks() -> None:
-    """Maps big enough that the kernel's gradient is summed over chunks of samples (sizes as SAM's 64x64 map at a
-    wide bottleneck): still F.conv2d's gradients."""
+    """Maps big enough that the kernel's gradient is summed over chunks of samples (1 MB per sample: chunks of 2, 2
+    and 1 samples): still F.conv2d's gradients."""
     torch.manual_seed(0)
-    x = torch.randn(3, 4, 200, 200, dtype=torch.float64, requires_grad=True)  # 1.28 MB per sample
+    x = torch.randn(5, 4, 180, 180, dtype=torch.float64, requires_grad=True)
     kernel = torch.randn(4, 1, 7, 7, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
-    grad = torch.randn(3, 4, 200, 200, dtype=torch.float64)
+    grad = torch.randn(5, 4, 180, 180, dtype=torch.float64)
     got = torch.autograd.grad(depthwise_conv(x, kernel, bias), [x, kernel, bias], grad)
     want = torch.autograd.grad(F.conv2d(x, kernel, bias, padding=3, groups=4), [x, kernel, bias], grad)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_depthwise_conv_higher_order_and_functional_autograd() -> None:
+    """Double backward, forward-mode AD and torch.func transforms work as they do for F.conv2d."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    kernel = torch.randn(3, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(depthwise_conv, (x, kernel, bias))
+    assert torch.autograd.gradcheck(depthwise_conv, (x, kernel, bias), check_forward_ad=True, check_backward_ad=False)
+
+    def reference(x, kernel, bias):
+        return F.conv2d(x, kernel, bias, padding=1, groups=3)
+
+    def loss(fn):
+        return lambda k, x: fn(x, k, bias).square().sum()
+
+    torch.testing.assert_close(
+        torch.func.grad(loss(depthwise_conv))(kernel, x), torch.func.grad(loss(reference))(kernel, x)
+    )
+    per_sample = torch.func.vmap(torch.func.grad(loss(depthwise_conv)), in_dims=(None, 0))(kernel, x[:, None])
+    expected = torch.func.vmap(torch.func.grad(loss(reference)), in_dims=(None, 0))(kernel, x[:, None])
+    torch.testing.assert_close(per_sample, expected)
+
+
+@pytest.mark.parametrize(
+    "case", ["bfloat16", "float16", "empty batch", "autocast", "no grad", "even kernel", "non-square kernel"]
+)
+def test_depthwise_conv_elsewhere_equals_conv2d_exactly(case: str) -> None:
+    """Where the custom backward is not used (low precision, autocast, no gradient, an empty batch, kernels the
+    function does not take): values and gradients are F.conv2d's, bit for bit."""
+    torch.manual_seed(0)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(case, torch.float32)
+    batch = 0 if case == "empty batch" else 2
+    shape = {"even kernel": (4, 4), "non-square kernel": (3, 5)}.get(case, (5, 5))
+    x = torch.randn(batch, 3, 6, 6, dtype=dtype, requires_grad=case != "no grad")
+    kernel = torch.randn(3, 1, *shape, dtype=dtype, requires_grad=case != "no grad")
+
+    def run(fn):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+            out = fn()
+        grads = torch.autograd.grad(out.sum(), [x, kernel]) if out.requires_grad else ()
+        return out, *grads
+
+    got = run(lambda: depthwise_conv(x, kernel, None))
+    want = run(lambda: F.conv2d(x, kernel, None, padding=shape[-1] // 2, groups=3))
+    assert len(got) == len(want) == (1 if case == "no grad" else 3)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
 
 
 def _fill(given, x, kernel, bias):

@@ -6,8 +6,8 @@ so the whole filter equals a single depthwise conv with the largest kernel. Grad
 through the (differentiable) merge.
 
 On CPU, with gradients, the merged conv runs as :class:`DepthwiseConv`, whose backward computes both gradients with
-forward convolutions: oneDNN's own depthwise backward is several times slower than that at Mona's shapes
-(docs/benchmarks.md, the filter alone).
+forward convolutions: oneDNN's own depthwise kernel gradient is 2-4x slower at Mona's shapes, and the filter's
+forward + backward runs 2.2x faster this way at ViT-B's (docs/filter-backward/benchmarks.md, the filter alone).
 """
 
 from __future__ import annotations
@@ -58,18 +58,31 @@ class DepthwiseConv(torch.autograd.Function):
         dx = conv(dy, flip(kernel))                      same padding, one group per channel
         dkernel[c] = sum_n conv(x[n, c], dy[n, c])       x padded by k // 2, dy as the kernel: a k x k output
 
-    The second runs as one depthwise conv over the ``n * m`` (sample, channel) maps, summed over the samples.
+    The second runs as one depthwise conv over the ``n * m`` (sample, channel) maps, summed over the samples. The
+    backward is built from differentiable ops, so double backward works; ``torch.func`` transforms and forward-mode AD
+    are supported too (a generated vmap rule, an explicit ``jvp``).
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, kernel)
-        ctx.has_bias = bias is not None
+    def forward(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.conv2d(x, kernel, bias, padding=kernel.shape[-1] // 2, groups=x.shape[1])
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        x, kernel, bias = inputs
+        ctx.save_for_backward(x, kernel)
+        ctx.save_for_forward(x, kernel)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        with torch.autocast(grad.device.type, enabled=False):  # also when backward runs inside an autocast region
+            return DepthwiseConv._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, kernel = ctx.saved_tensors
         batch, channels, height, width = x.shape
         size = kernel.shape[-1]
@@ -79,34 +92,54 @@ class DepthwiseConv(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # In chunks of samples of about _CHUNK_BYTES each: the grouped conv is several times faster per element
             # while its operands fit in the cache (measured on CPU from ViT-B's 14x14 to SAM's 64x64 maps).
-            step = max(1, _CHUNK_BYTES // max(1, x[0].numel() * x.element_size()))
+            step = max(1, _CHUNK_BYTES // (channels * height * width * x.element_size()))
             grad_kernel = kernel.new_zeros(kernel.shape)
             for xs, gs in zip(x.split(step), grad.split(step), strict=True):
                 n = xs.shape[0]
                 maps = xs.transpose(0, 1).reshape(1, channels * n, height, width)
                 kernels = gs.transpose(0, 1).reshape(channels * n, 1, height, width)
                 part = F.conv2d(maps, kernels, padding=size // 2, groups=channels * n)
-                grad_kernel += part.view(channels, n, 1, size, size).sum(1)
+                grad_kernel = grad_kernel + part.view(channels, n, 1, size, size).sum(1)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.sum((0, 2, 3))
         return grad_x, grad_kernel, grad_bias
+
+    @staticmethod
+    def jvp(
+        ctx: Any, x_t: torch.Tensor | None, kernel_t: torch.Tensor | None, bias_t: torch.Tensor | None
+    ) -> torch.Tensor:
+        x, kernel = ctx.saved_tensors
+        padding, groups = kernel.shape[-1] // 2, x.shape[1]
+        out = x.new_zeros(x.shape) if bias_t is None else bias_t[:, None, None].expand_as(x).clone()
+        if x_t is not None:
+            out = out + F.conv2d(x_t, kernel, padding=padding, groups=groups)
+        if kernel_t is not None:
+            out = out + F.conv2d(x, kernel_t, padding=padding, groups=groups)
+        return out
 
 
 def depthwise_conv(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Stride-1, same-padded depthwise conv of ``x`` [B, m, H, W] with ``kernel`` [m, 1, k, k] (k odd).
 
-    Runs as :class:`DepthwiseConv` where that is faster and exact (CPU, gradients needed, no autocast), otherwise
-    as ``F.conv2d``."""
+    Runs as :class:`DepthwiseConv` where it is measured faster and equal to ``F.conv2d`` up to float rounding (CPU,
+    float32/float64, gradients needed, no autocast, not under ``torch.compile`` / ``torch.export`` tracing, which
+    keep PyTorch's own conv), otherwise as ``F.conv2d``."""
     device = x.device.type
+    size = kernel.shape[-1]
     custom = (
         device == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
         and torch.is_grad_enabled()
         and (x.requires_grad or kernel.requires_grad)
         and not torch.is_autocast_enabled(device)
+        and not torch.compiler.is_compiling()
+        and x.shape[0] > 0
+        and size % 2 == 1
+        and kernel.shape[-2] == size
     )
     if custom:
         return DepthwiseConv.apply(x, kernel, bias)
-    return F.conv2d(x, kernel, bias, padding=kernel.shape[-1] // 2, groups=x.shape[1])
+    return F.conv2d(x, kernel, bias, padding=size // 2, groups=x.shape[1])
 
 
 def merged_filter(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]) -> torch.Tensor:
