@@ -84,7 +84,7 @@ class DepthwiseConv(torch.autograd.Function):
     @staticmethod
     def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, kernel = ctx.saved_tensors
-        batch, channels, height, width = x.shape
+        _, channels, height, width = x.shape
         size = kernel.shape[-1]
         grad_x = grad_kernel = grad_bias = None
         if ctx.needs_input_grad[0]:
