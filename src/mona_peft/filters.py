@@ -6,8 +6,8 @@ so the whole filter equals a single depthwise conv with the largest kernel. Grad
 through the (differentiable) merge.
 
 On CPU, with gradients, the merged conv runs as :class:`DepthwiseConv`, whose backward computes both gradients with
-forward convolutions: oneDNN's own depthwise kernel gradient is 2-4x slower at Mona's shapes, and the filter's
-forward + backward runs 2.2x faster this way at ViT-B's (docs/filter-backward/benchmarks.md, the filter alone).
+forward convolutions: the filter's forward + backward runs 2.2x faster this way than with PyTorch's own depthwise
+backward at ViT-B's shapes (docs/filter-backward/benchmarks.md, the filter alone).
 """
 
 from __future__ import annotations
@@ -90,8 +90,8 @@ class DepthwiseConv(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = F.conv2d(grad, kernel.flip((-2, -1)), padding=size // 2, groups=channels)
         if ctx.needs_input_grad[1]:
-            # In chunks of samples of about _CHUNK_BYTES each: the grouped conv is several times faster per element
-            # while its operands fit in the cache (measured on CPU from ViT-B's 14x14 to SAM's 64x64 maps).
+            # In chunks of samples of about _CHUNK_BYTES each, to keep the grouped conv's operands in the cache (the
+            # size was chosen from a one-off CPU measurement over 7x7 to 64x64 maps, not kept as a benchmark).
             step = max(1, _CHUNK_BYTES // (channels * height * width * x.element_size()))
             grad_kernel = kernel.new_zeros(kernel.shape)
             for xs, gs in zip(x.split(step), grad.split(step), strict=True):
