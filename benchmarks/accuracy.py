@@ -8,6 +8,7 @@ at other bottleneck widths. ``--ablation`` adds the pre-registered ablation of d
     python -m benchmarks.accuracy                       # 56 px CPU protocol (< 1 h on 2 idle cores)
     python -m benchmarks.accuracy --protocol cpu112 --resume      # 112 px (hours: run in parts)
     python -m benchmarks.accuracy --protocol cpu112 --ablation    # the ablation at 112 px, after the protocol
+    python -m benchmarks.accuracy --protocol gpu224     # 224 px at the 112 px rates (Animal-MNIST; best on a GPU)
     python -m benchmarks.accuracy --protocol gpu        # the paper's classification setting, from the Hub, on a GPU
     python -m benchmarks.accuracy --quick               # a few seconds (smoke test)
 
@@ -95,6 +96,12 @@ PILOT_STEPS = 240
 0.900 by step 240 of the pilot's 400 and then moved within about 1.5 binomial standard errors of a 300-image
 validation set (0.893-0.927); docs/benchmarks.md shows the pilot's curve."""
 
+RATES_112: dict[str, tuple[float, ...]] = {
+    "linear": (1.5e-2,), "full": (1e-5,), "lora": (1e-3,), "mona": (9e-4,), "mona_official": (9e-4,),
+}  # fmt: skip
+"""The learning rates the 112 px protocol chose on Animal-MNIST (benchmarks/results/accuracy_112.json), which the
+224 px protocol keeps instead of sweeping again."""
+
 _CPU = Protocol("cpu", 56, 80, 16, 640, 300, (0, 1, 2), 64, (32, 64, 128), note="sized for < 1 h on two idle CPU "
                 "cores: 56 px (a 4 x 4 patch grid), 640 training images (2 epochs of 80 steps at batch 16), at most "
                 "300 validation and 300 test images")  # fmt: skip
@@ -115,6 +122,11 @@ PROTOCOLS: dict[str, Protocol] = {
                    note="the paper's classification setting, for a GPU: Swin-L (ImageNet-22k), Oxford Flowers-102 and "
                    "Oxford-IIIT Pets from the Hub, the official recipe (224 px, batch 16, 100 epochs, drop path 0.3; "
                    "AdamW, 20% warm-up then cosine, clipping 5); not run yet"),
+    "gpu224": replace(_CPU, name="gpu224", image_size=224, max_steps=PILOT_STEPS, ablation_bottlenecks=(),
+                      eval_steps=40, lr_grids=RATES_112, grid_extensions=0, datasets=("animal-mnist",),
+                      note="the 112 px protocol at 224 px (a 16 x 16 patch grid): the same images, steps, seeds and "
+                      "rules, but no sweep: each method trains at the rate the 112 px protocol chose on Animal-MNIST. "
+                      "Hours per run on 2 CPU cores, a few seconds on a GPU: run it where one is at hand"),
     "quick": replace(_CPU, name="quick", image_size=32, max_steps=3, batch_size=4, max_train_samples=24,
                      max_eval_samples=12, seeds=(0, 1), bottleneck=8, ablation_bottlenecks=(4, 8),
                      lr_grids={k: g[1:] for k, g in LR_GRIDS.items()},

@@ -54,11 +54,13 @@ def git(*args: str) -> str:
 
 
 def git_revision(dirty_mark: str = "+dirty-src") -> str | None:
-    """The checkout's short commit, marked when ``src/`` has uncommitted changes; None outside git."""
+    """The checkout's short commit, marked when ``src/`` has uncommitted changes. Outside git (a copy of the tree on
+    another machine): ``$MONA_PEFT_GIT_REVISION`` as the copier set it, marked as such, or None."""
     try:
         return git("rev-parse", "--short", "HEAD") + (dirty_mark if git("status", "--porcelain", "src") else "")
     except (OSError, RuntimeError):
-        return None
+        copied = os.environ.get("MONA_PEFT_GIT_REVISION")
+        return f"{copied} (copied tree)" if copied else None
 
 
 def load_average() -> list[float] | None:
