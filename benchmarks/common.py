@@ -54,13 +54,11 @@ def git(*args: str) -> str:
 
 
 def git_revision(dirty_mark: str = "+dirty-src") -> str | None:
-    """The checkout's short commit, marked when ``src/`` has uncommitted changes. Outside git (a copy of the tree on
-    another machine): ``$MONA_PEFT_GIT_REVISION`` as the copier set it, marked as such, or None."""
+    """The checkout's short commit, marked when ``src/`` has uncommitted changes; None outside git."""
     try:
         return git("rev-parse", "--short", "HEAD") + (dirty_mark if git("status", "--porcelain", "src") else "")
     except (OSError, RuntimeError):
-        copied = os.environ.get("MONA_PEFT_GIT_REVISION")
-        return f"{copied} (copied tree)" if copied else None
+        return None
 
 
 def load_average() -> list[float] | None:

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import math
 import re
 import statistics
 from collections.abc import Iterable, Iterator
@@ -178,9 +179,13 @@ def render_benchmarks(results: Path, docs: Path) -> Path | None:
 METHOD_ORDER = ("linear", "full", "lora", "mona", "mona_official")
 LOSS_PLOT = "accuracy_loss_{dataset}{suffix}.png"
 PARAMS_PLOT = "accuracy_params{suffix}.png"
-RESULT_FILES = tuple(f"accuracy{s}.json" for s in ("", "_112", "_pilot112", "_gpu"))
-"""Results rendered, in this order: the 56 px CPU protocol, the 112 px one and its pilot, the GPU protocol."""
-TITLES = {"cpu": "## 3. Accuracy", "cpu112": "## 3b. Accuracy at 112 px", "pilot112": "### Pilot of the 112 px budget"}
+RESULT_FILES = tuple(f"accuracy{s}.json" for s in ("", "_112", "_pilot112", "_gpu224", "_gpu"))
+"""Results rendered, in this order: the 56 px CPU protocol, the 112 px one and its pilot, 224 px at the 112 px rates,
+the GPU protocol."""
+TITLES = {"cpu": "## 3. Accuracy", "cpu112": "## 3b. Accuracy at 112 px", "pilot112": "### Pilot of the 112 px budget",
+          "gpu224": "## 3c. Accuracy at 224 px (on a GPU, at the rates chosen at 112 px)"}  # fmt: skip
+RESOLUTIONS = ("cpu", "cpu112", "gpu224")
+"""The protocols of the by-resolution table: the same images, recipe, steps and seeds at 56, 112 and 224 px."""
 
 
 def _methods(summary: dict[str, Any]) -> list[str]:
@@ -204,12 +209,18 @@ def dataset_tables(payload: dict[str, Any], dataset: str) -> dict[str, Any]:
         if found:
             steps = sorted(set.intersection(*(set(c) for c in found)))
             curves[m] = {"seeds": len(found), "means": [statistics.fmean(c[t] for c in found) for t in steps]}
+    plateau = None
+    if len(full := curves.get("full", {}).get("means", [])) > 1:  # has full fine-tuning stopped rising?
+        n = payload["datasets"][dataset]["sizes"].get("validation") or 0
+        se = math.sqrt(full[-1] * (1 - full[-1]) / n) if n else None
+        plateau = {"steps": steps[-2:], "means": full[-2:], "standard_error": se, "validation_images": n}
     width, pad = max(map(len, sweeps.values())), max((len(c["means"]) for c in curves.values()), default=0)
     for c in curves.values():
         c["means"] += [None] * (pad - len(c["means"]))
     return {"methods": _methods(summary), "width": width, "curves": curves, "curve_steps": steps,
             "sweeps": {m: [*s.values()] + [None] * (width - len(s)) for m, s in sweeps.items()},
-            "ablation": sorted((summary.get("ablation") or {}).items(), key=lambda kv: int(kv[0]))}  # fmt: skip
+            "ablation": sorted((summary.get("ablation") or {}).items(), key=lambda kv: int(kv[0])),
+            "plateau": plateau}  # fmt: skip
 
 
 def plot_losses(payload: dict[str, Any], dataset: str, path: Path) -> bool:
@@ -281,7 +292,7 @@ def accuracy_sections(results: Path, docs: Path) -> list[str]:
     """Every accuracy protocol in ``results`` (:data:`RESULT_FILES`), and the resolutions side by side."""
     payloads = [json.loads(path.read_text()) for f in RESULT_FILES if (path := results / f).exists()]
     sections = [accuracy_section(p, docs) for p in payloads]
-    cpu = [p for p in payloads if p["protocol"]["name"] in ("cpu", "cpu112")]
+    cpu = [p for p in payloads if p["protocol"]["name"] in RESOLUTIONS]
     if len(cpu) > 1:  # mean test accuracy of every method at every resolution measured, per dataset
         acc = ENV.filters["acc"]
         rows = [[dataset, cpu[0]["methods"].get(m, m)]

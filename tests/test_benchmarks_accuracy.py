@@ -112,6 +112,40 @@ def test_report_renders_the_ablation_the_params_plot_and_resolutions(ablation: d
     assert (docs / "accuracy_params_cpu112.png").stat().st_size > 1000
 
 
+def test_224_px_protocol_keeps_the_rates_the_112_px_protocol_chose() -> None:
+    """gpu224 does not sweep: each method's one rate is the one the committed 112 px results chose on Animal-MNIST."""
+    from benchmarks.accuracy import PROTOCOLS
+    from benchmarks.common import RESULTS_DIR
+
+    chosen = json.loads((RESULTS_DIR / "accuracy_112.json").read_text())["summary"]["animal-mnist"]["methods"]
+    protocol = PROTOCOLS["gpu224"]
+    assert protocol.image_size == 224 and protocol.grid_extensions == 0
+    assert protocol.max_steps == PROTOCOLS["cpu112"].max_steps and protocol.seeds == PROTOCOLS["cpu112"].seeds
+    assert dict(protocol.lr_grids) == {m: (s["learning_rate"],) for m, s in chosen.items()}
+
+
+def test_report_of_a_fixed_rate_protocol_says_so_and_has_no_sweep_table(ablation: dict, tmp_path: Path) -> None:
+    from benchmarks.report import accuracy_sections
+
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    results.mkdir()
+    docs.mkdir()
+    payload = json.loads(json.dumps(ablation["after"]))
+    payload["protocol"].update(name="cpu")
+    (results / "accuracy.json").write_text(json.dumps(payload))
+    fixed = json.loads(json.dumps(payload))
+    fixed["protocol"].update(name="gpu224", image_size=224, grid_extensions=0)
+    fixed["protocol"]["lr_grids"] = {m: grid[:1] for m, grid in fixed["protocol"]["lr_grids"].items()}
+    fixed["machine"].update(device="cuda", gpu="Some GPU")
+    (results / "accuracy_gpu224.json").write_text(json.dumps(fixed))
+    cpu_text, fixed_text, resolutions = accuracy_sections(results, docs)
+    assert "Learning-rate sweep (one seed)" in cpu_text and "Learning rates swept" in cpu_text
+    assert "## 3c. Accuracy at 224 px" in fixed_text and "Learning rates fixed, not swept" in fixed_text
+    assert "Learning-rate sweep (one seed)" not in fixed_text and "on Some GPU)" in fixed_text
+    assert "test accuracy, 224 px (Some GPU) |" in resolutions
+    assert "The 224 px column (protocol `gpu224`) trains each method at one fixed rate" in resolutions
+
+
 def test_validation_curve_is_recorded_every_eval_steps(
     tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
