@@ -126,7 +126,8 @@ PROTOCOLS: dict[str, Protocol] = {
                       eval_steps=40, lr_grids=RATES_112, grid_extensions=0, datasets=("animal-mnist",),
                       note="the 112 px protocol at 224 px (a 16 x 16 patch grid): the same images, steps, seeds and "
                       "rules, but no sweep: each method trains at the rate the 112 px protocol chose on Animal-MNIST. "
-                      "Hours per run on 2 CPU cores, a few seconds on a GPU: run it where one is at hand"),
+                      "Tens of seconds per run on a GPU; the 112 px runs took 7-22 min each on 2 CPU cores and "
+                      "224 px has four times the tokens: run it where a GPU is at hand"),
     "quick": replace(_CPU, name="quick", image_size=32, max_steps=3, batch_size=4, max_train_samples=24,
                      max_eval_samples=12, seeds=(0, 1), bottleneck=8, ablation_bottlenecks=(4, 8),
                      lr_grids={k: g[1:] for k, g in LR_GRIDS.items()},

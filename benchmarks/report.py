@@ -195,10 +195,11 @@ def _methods(summary: dict[str, Any]) -> list[str]:
 
 def dataset_tables(payload: dict[str, Any], dataset: str) -> dict[str, Any]:
     """What the tables of one dataset need beyond lookups: the methods in order, the bottleneck ablation by size,
-    each method's sweep (one run per rate, by rate, padded to the longest) and the validation curves of its chosen
-    runs (mean over seeds at the steps all of them have)."""
+    each method's sweep (one run per rate, by rate, padded to the longest), the validation curves of its chosen runs
+    (mean over seeds at the steps all of them have) and, for full fine-tuning, how its last evaluation interval
+    moved (``plateau``: the steps, the means, how many seeds rose, one binomial standard error of a run)."""
     summary, bottleneck = payload["summary"][dataset], payload["protocol"]["bottleneck"]
-    sweeps, curves, steps = {}, {}, []
+    sweeps, curves, plateau = {}, {}, None
     for m in _methods(summary):
         runs = [r for r in payload["runs"] if r["dataset"] == dataset and r["method"] == m]
         sweeps[m] = dict(sorted({r["learning_rate"]: r for r in runs if r["phase"] == "sweep"}.items()))
@@ -206,18 +207,26 @@ def dataset_tables(payload: dict[str, Any], dataset: str) -> dict[str, Any]:
         final = [r for r in runs if r["learning_rate"] == chosen and r["bottleneck"] == bottleneck]
         found = [dict(map(tuple, r.get("validation_curve") or [])) for r in final if not r.get("variant")]
         found = [c for c in found if c]
-        if found:
-            steps = sorted(set.intersection(*(set(c) for c in found)))
-            curves[m] = {"seeds": len(found), "means": [statistics.fmean(c[t] for c in found) for t in steps]}
-    plateau = None
-    if len(full := curves.get("full", {}).get("means", [])) > 1:  # has full fine-tuning stopped rising?
+        if not found:
+            continue
+        steps = sorted(set.intersection(*(set(c) for c in found)))
+        curves[m] = {
+            "seeds": len(found),
+            "steps": steps,
+            "means": [statistics.fmean(c[t] for c in found) for t in steps],
+        }
         n = payload["datasets"][dataset]["sizes"].get("validation") or 0
-        se = math.sqrt(full[-1] * (1 - full[-1]) / n) if n else None
-        plateau = {"steps": steps[-2:], "means": full[-2:], "standard_error": se, "validation_images": n}
-    width, pad = max(map(len, sweeps.values())), max((len(c["means"]) for c in curves.values()), default=0)
+        if m == "full" and len(steps) > 1 and n:
+            last, before = steps[-1], steps[-2]
+            p = curves[m]["means"][-1]
+            plateau = {"steps": [before, last], "means": curves[m]["means"][-2:], "validation_images": n,
+                       "rose": sum(c[last] > c[before] for c in found), "seeds": len(found),
+                       "standard_error": math.sqrt(p * (1 - p) / n)}  # fmt: skip
+    width = max(map(len, sweeps.values()))
+    curve_steps = max((c["steps"] for c in curves.values()), key=len, default=[])
     for c in curves.values():
-        c["means"] += [None] * (pad - len(c["means"]))
-    return {"methods": _methods(summary), "width": width, "curves": curves, "curve_steps": steps,
+        c["means"] += [None] * (len(curve_steps) - len(c["means"]))
+    return {"methods": _methods(summary), "width": width, "curves": curves, "curve_steps": curve_steps,
             "sweeps": {m: [*s.values()] + [None] * (width - len(s)) for m, s in sweeps.items()},
             "ablation": sorted((summary.get("ablation") or {}).items(), key=lambda kv: int(kv[0])),
             "plateau": plateau}  # fmt: skip

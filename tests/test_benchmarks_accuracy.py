@@ -4,6 +4,7 @@ protocols, and a smoke test of the GPU protocol on a tiny model and a local data
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -137,9 +138,20 @@ def test_report_of_a_fixed_rate_protocol_says_so_and_has_no_sweep_table(ablation
     fixed["protocol"].update(name="gpu224", image_size=224, grid_extensions=0)
     fixed["protocol"]["lr_grids"] = {m: grid[:1] for m, grid in fixed["protocol"]["lr_grids"].items()}
     fixed["machine"].update(device="cuda", gpu="Some GPU")
+    # a full fine-tuning entry with validation curves: seed 0 flat over its last interval, seed 1 up 0.1
+    (dataset,) = fixed["summary"]
+    methods = fixed["summary"][dataset]["methods"]
+    methods["full"], fixed["methods"]["full"] = {**methods["mona"], "label": "Full fine-tuning"}, "Full fine-tuning"
+    for r in [r for r in fixed["runs"] if r["method"] == "mona" and not r.get("variant")]:
+        fixed["runs"].append({**r, "method": "full", "validation_curve": [[2, 0.5], [3, 0.5 + 0.1 * r["seed"]]]})
     (results / "accuracy_gpu224.json").write_text(json.dumps(fixed))
     cpu_text, fixed_text, resolutions = accuracy_sections(results, docs)
     assert "Learning-rate sweep (one seed)" in cpu_text and "Learning rates swept" in cpu_text
+    # how full fine-tuning's validation accuracy moved over its last evaluation interval, as a paragraph of its own
+    interval = "Full fine-tuning over its last evaluation interval (steps 2–3): mean validation accuracy 0.500 → 0.550"
+    assert f"\n\n{interval} (+5.0 points), rising in 1 of 2 seeds; " in fixed_text
+    assert re.search(r"one binomial standard error of a single run's accuracy [^\n]+ points\.\n\n", fixed_text)
+    assert "over its last evaluation interval" not in cpu_text  # no validation curves there
     assert "## 3c. Accuracy at 224 px" in fixed_text and "Learning rates fixed, not swept" in fixed_text
     assert "Learning-rate sweep (one seed)" not in fixed_text and "on Some GPU)" in fixed_text
     assert "test accuracy, 224 px (Some GPU) |" in resolutions
