@@ -441,15 +441,17 @@ class Suite:
     def merge(self, paths: Sequence[Path]) -> Path:
         """Add the runs of other results files of this protocol (suites run side by side, e.g. one process per
         dataset with its own ``--results-dir``) that this one lacks, and rewrite the results; nothing is trained.
-        The suite's time adds theirs: process time, more than the wall time of processes that ran side by side."""
+        The suite's time adds the added runs' own seconds (process time, more than the wall time of processes that
+        ran side by side); runs both files hold, as when both started from a copy of one file, count once."""
         for path in paths:
             other = json.loads(Path(path).read_text())
             if not self.protocol.same_run_settings(other["protocol"]):
                 raise SystemExit(f"{path} was written with other run settings than protocol {self.protocol.name}.")
             known = {RunSpec.of(r).key() for r in self.runs}
-            self.runs += [r for r in other["runs"] if RunSpec.of(r).key() not in known]
+            added = [r for r in other["runs"] if RunSpec.of(r).key() not in known]
+            self.runs += added
             self.data_info |= other["datasets"]
-            self.earlier_seconds += float(other.get("suite_seconds", 0.0))
+            self.earlier_seconds += sum(float(r["seconds"]) for r in added)
         return self.write()
 
     def run(self, spec: RunSpec, phase: str, data: Any) -> dict[str, Any]:
