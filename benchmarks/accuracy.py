@@ -424,7 +424,7 @@ class Suite:
         self.started = time.perf_counter()
         machine = machine_info("cuda" if torch.cuda.is_available() else "cpu")
         self.payload: dict[str, Any] = {"machine": machine, "protocol": asdict(protocol)}
-        self.earlier_seconds, self.sessions = 0.0, 1
+        self.earlier_seconds, self.sessions, self.was_finished = 0.0, 1, False
         previous = json.loads(path.read_text()) if resume and path.exists() else None
         if previous is None:
             return
@@ -435,6 +435,7 @@ class Suite:
         # the suite's time and session count carry over, so the page reports the whole suite's cost
         self.earlier_seconds = float(previous.get("suite_seconds", 0.0))
         self.sessions = int(previous.get("sessions", 1)) + 1
+        self.was_finished = bool(previous.get("finished", False))
         self.data_info = dict(previous.get("datasets", {}))
         self.runs = list(previous["runs"])
 
@@ -442,7 +443,9 @@ class Suite:
         """Add the runs of other results files of this protocol (suites run side by side, e.g. one process per
         dataset with its own ``--results-dir``) that this one lacks, and rewrite the results; nothing is trained.
         The suite's time adds the added runs' own seconds (process time, more than the wall time of processes that
-        ran side by side); runs both files hold, as when both started from a copy of one file, count once."""
+        ran side by side); runs both files hold, as when both started from a copy of one file, count once. The
+        result is finished when this suite's file and every merged one were."""
+        finished = self.was_finished
         for path in paths:
             other = json.loads(Path(path).read_text())
             if not self.protocol.same_run_settings(other["protocol"]):
@@ -452,7 +455,8 @@ class Suite:
             self.runs += added
             self.data_info |= other["datasets"]
             self.earlier_seconds += sum(float(r["seconds"]) for r in added)
-        return self.write()
+            finished = finished and bool(other.get("finished", False))
+        return self.write(finished=finished)
 
     def run(self, spec: RunSpec, phase: str, data: Any) -> dict[str, Any]:
         for record in self.runs:

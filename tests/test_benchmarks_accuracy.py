@@ -84,13 +84,16 @@ def test_merge_joins_suites_run_side_by_side(ablation: dict, tmp_path: Path) -> 
     merged = json.loads(accuracy.main([*args, str(halves[1])]).read_text())
     key = lambda r: (r["method"], r["learning_rate"], r["seed"], r["bottleneck"])  # noqa: E731
     assert sorted(map(key, merged["runs"])) == sorted(map(key, full["runs"]))
-    assert merged["summary"] == full["summary"] and not merged["finished"]
+    assert merged["summary"] == full["summary"]
+    assert full["finished"] and merged["finished"]  # both parts had finished
     # the suite's time adds the added runs' seconds; merging the same file again adds no runs and no time
     added = sum(r["seconds"] for r in full["runs"] if r["method"] == "mona_official")
     assert merged["suite_seconds"] == pytest.approx(full["suite_seconds"] + added, abs=1.0)
     again = json.loads(accuracy.main([*args, str(halves[1])]).read_text())
     assert len(again["runs"]) == len(merged["runs"])
     assert again["suite_seconds"] == pytest.approx(merged["suite_seconds"], abs=1.0)
+    (tmp_path / "unfinished.json").write_text(json.dumps({**json.loads(halves[1].read_text()), "finished": False}))
+    assert not json.loads(accuracy.main([*args, str(tmp_path / "unfinished.json")]).read_text())["finished"]
     other = {**full, "protocol": {**full["protocol"], "image_size": 64}}
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="other run settings"):
