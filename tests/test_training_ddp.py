@@ -51,3 +51,39 @@ def test_two_process_run_saves_one_adapter_that_reproduces_rank0(tmp_path: Path)
     labels = torch.tensor(test[data.label_column])
     assert (reloaded.argmax(-1) == labels).float().mean().item() == pytest.approx(reported["test_accuracy"])
     assert "| processes | 2 |" in (out / "README.md").read_text()  # two processes really trained together
+
+
+def _leave_group(rank: int, world_size: int, port: int, out: str) -> None:
+    """One launched process: join a gloo group as a launcher would set it up, then end it as the scripts do."""
+    import os
+
+    import torch.distributed as dist
+
+    from mona_peft.training.distributed import end_process_group
+
+    os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    dist.barrier()
+    ended = end_process_group()
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"ended": ended, "initialized": dist.is_initialized()}))
+
+
+def test_launched_processes_end_their_process_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each of two launched processes destroys its default group before exiting; a process that was not launched as
+    one of several keeps a group it set up itself."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    from mona_peft.training.distributed import end_process_group
+
+    mp.spawn(_leave_group, args=(2, 29533, str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"ended": True, "initialized": False}
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        assert end_process_group() is False and dist.is_initialized()
+    finally:
+        dist.destroy_process_group()

@@ -159,6 +159,21 @@ def describe_distributed() -> str | None:
     return "DDP"
 
 
+def end_process_group() -> bool:
+    """Destroy the default process group of a launched multi-process run (``torchrun``, ``accelerate launch``) once
+    its work is done, as torch asks before a process exits; True if one was destroyed. Left to interpreter shutdown,
+    its teardown is unordered: a CI run once saw the second of two gloo processes abort there ("terminate called
+    without an active exception") after it had finished. A group that a single process set up itself is left alone."""
+    import torch.distributed as dist
+
+    from .arguments import _launched_processes
+
+    if _launched_processes() < 2 or not (dist.is_available() and dist.is_initialized()):
+        return False
+    dist.destroy_process_group()
+    return True
+
+
 def gather_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The full (unsharded) tensors of what ``model.save_pretrained`` saves for a PEFT model, on the CPU, keyed as in
     ``model.state_dict()``.

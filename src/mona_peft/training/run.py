@@ -23,6 +23,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from .card import TrainingCard, recipe_hyperparameters, write_training_card
 from .data import TaskData, TaskDataset
+from .distributed import end_process_group
 from .plots import CURVES_FILE, plot_training_curves
 from .recipe import EpochCallback, RecipeTrainer, base_model, count_parameters
 from .task import Task
@@ -319,4 +320,6 @@ def main(argv: Sequence[str] | None = None, task: Task | None = None) -> RunResu
     ``scripts/train.py``) and run :func:`train`."""
     task = task or _classification()
     model_args, data_args, training_args = task.parse_args(argv)
-    return train(model_args, data_args, training_args, task=task)
+    result = train(model_args, data_args, training_args, task=task)
+    end_process_group()  # a launched run's processes leave the group before they exit
+    return result
