@@ -14,6 +14,7 @@ from PIL import Image as PILImage
 from torch import nn
 
 from .data import Preprocessing, load_image
+from .hub_kernels import hub_kernels_off_by_default
 from .recipe import ModelError, forward_kwargs, load_image_processor
 
 if TYPE_CHECKING:
@@ -103,6 +104,7 @@ def trained_task(config: Any) -> str:
     return "detection" if detector else "classification"
 
 
+@hub_kernels_off_by_default()
 def load_trained(
     model_name_or_path: str | Path,
     base_model: str | None = None,

@@ -24,6 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from .card import TrainingCard, recipe_hyperparameters, write_training_card
 from .data import TaskData, TaskDataset
 from .distributed import end_process_group
+from .hub_kernels import hub_kernels_off_by_default
 from .plots import CURVES_FILE, plot_training_curves
 from .recipe import EpochCallback, RecipeTrainer, base_model, count_parameters
 from .task import Task
@@ -279,6 +280,7 @@ def _validation_metrics(trainer: RecipeTrainer, experiment: Experiment) -> dict[
     return trainer.evaluate(experiment.validation_set)
 
 
+@hub_kernels_off_by_default()
 def train(
     model_args: Any,
     data_args: Any,

@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from ...heads import share_saved_modules
+from ..hub_kernels import hub_kernels_off_by_default
 from ..recipe import ModelError, hub_kwargs, lora_target_modules
 
 METADATA_FILE = "detection.json"
@@ -144,6 +145,7 @@ def frozen_detector_parameters(model: nn.Module) -> dict[str, Any]:
     }
 
 
+@hub_kernels_off_by_default()
 def load_trained_detector(directory: str | Path) -> nn.Module:
     """A detector trained by ``scripts/train_detection.py``, ready for inference (eval mode): the saved detector
     config rebuilt around the backbone checkpoint recorded in ``detection.json``, with the adapter (Mona/LoRA) and the

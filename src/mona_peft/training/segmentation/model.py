@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..data import IMAGENET_MEAN, IMAGENET_STD
+from ..hub_kernels import hub_kernels_off_by_default
 from ..recipe import ModelError, hub_kwargs, lora_target_modules
 from .arguments import SegmentationModelArguments
 
@@ -157,6 +158,7 @@ def write_metadata(output_dir: str | Path, **values: Any) -> Path:
     return path
 
 
+@hub_kernels_off_by_default()
 def load_trained_segmenter(directory: str | Path) -> nn.Module:
     """A segmentation model trained by ``scripts/train_segmentation.py``, ready for inference (eval mode).
 
