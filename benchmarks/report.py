@@ -188,6 +188,15 @@ RESOLUTIONS = ("cpu", "cpu112", "gpu224")
 """The protocols of the by-resolution table: the same images, recipe, steps and seeds at 56, 112 and 224 px."""
 
 
+def fixed_rates(payload: dict[str, Any]) -> bool:
+    """Whether the protocol trained every method it ran at one given rate (no sweep), as ``gpu224`` does."""
+    grids = [grid for m, grid in payload["protocol"]["lr_grids"].items() if m in payload["methods"]]
+    return bool(grids) and max(map(len, grids)) == 1
+
+
+ENV.tests["fixed_rates"] = fixed_rates
+
+
 def _methods(summary: dict[str, Any]) -> list[str]:
     present = summary["methods"]
     return [m for m in METHOD_ORDER if m in present] + [m for m in present if m not in METHOD_ORDER]
@@ -200,6 +209,7 @@ def dataset_tables(payload: dict[str, Any], dataset: str) -> dict[str, Any]:
     moved (``plateau``: the steps, the means, how many seeds rose, one binomial standard error of a run)."""
     summary, bottleneck = payload["summary"][dataset], payload["protocol"]["bottleneck"]
     sweeps, curves, plateau = {}, {}, None
+    n = payload["datasets"][dataset]["sizes"].get("validation") or 0
     for m in _methods(summary):
         runs = [r for r in payload["runs"] if r["dataset"] == dataset and r["method"] == m]
         sweeps[m] = dict(sorted({r["learning_rate"]: r for r in runs if r["phase"] == "sweep"}.items()))
@@ -215,7 +225,6 @@ def dataset_tables(payload: dict[str, Any], dataset: str) -> dict[str, Any]:
             "steps": steps,
             "means": [statistics.fmean(c[t] for c in found) for t in steps],
         }
-        n = payload["datasets"][dataset]["sizes"].get("validation") or 0
         if m == "full" and len(steps) > 1 and n:
             last, before = steps[-1], steps[-2]
             p = curves[m]["means"][-1]
